@@ -1,0 +1,203 @@
+"""The library behind the CLI: open an image, unpack it into the store, mount it, explain a path."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import safepath
+from .errors import ImageError, MountError, UsageError
+from .image import open_image, open_layer_tars
+from .image.model import Image
+from .mount import FSTYPE, MountOptions, mount, mount_entries
+from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
+from .progress import PullProgress
+from .store import LayerStore, StoredLayer
+from .whiteout import OPAQUE_MARKER, whiteout_name
+
+
+def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None) -> Image:
+    """One argument is an image (docker-archive or OCI); several are plain layer tars, bottom first."""
+    if not sources:
+        raise UsageError("no image given")
+    if len(sources) == 1:
+        return open_image(sources[0], platform=platform, ref=ref)
+    return open_layer_tars(sources)
+
+
+def unpack(image: Image, store: LayerStore, progress=None) -> list[StoredLayer]:
+    return store.unpack_image(image, progress or PullProgress(quiet=True))
+
+
+def mount_image(image: Image, store: LayerStore, options: MountOptions, progress=None) -> int:
+    """Unpack what is missing, then mount; returns the daemon pid once the mount is ready."""
+    stored = unpack(image, store, progress)
+    held = store.hold_layers([layer.diff_id for layer in stored])
+    try:
+        return mount(lambda: MergedView(layers_from_store(stored)), options)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def mount_lowerdirs(lowerdirs: list[str], options: MountOptions) -> int:
+    """Mount plain layer directories, top first, as kernel overlayfs' lowerdir= takes them."""
+    for path in lowerdirs:
+        if not os.path.isdir(path):
+            raise UsageError(f"lowerdir {path}: not a directory")
+
+    def open_view() -> MergedView:
+        return MergedView([Layer.open(path) for path in lowerdirs])
+    return mount(open_view, options)
+
+
+# ---- provenance ---------------------------------------------------------------
+
+@dataclass
+class LayerVerdict:
+    """What one layer says about a path."""
+
+    index: int            # 1 = bottom layer, as in build steps
+    name: str
+    has: str | None       # "file", "directory", "symlink", ... or None
+    note: str             # "wins", "hidden by ...", "whiteout", ...
+
+
+def find_mount(path: str) -> tuple[str, str]:
+    """(mountpoint, path inside it) of the layermount mount that holds ``path``."""
+    real = os.path.realpath(os.path.abspath(path)) if os.path.lexists(path) else os.path.abspath(path)
+    candidates = [point for point, kind in mount_entries() if kind == FSTYPE]
+    best = None
+    for point in candidates:
+        if real == point or real.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) > len(best):
+                best = point
+    if best is None:
+        raise UsageError(f"{path}: not inside a layermount mount")
+    inside = os.path.relpath(real, best)
+    return best, "" if inside == "." else inside
+
+
+def mount_stack(mountpoint: str) -> list[dict]:
+    try:
+        return json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: cannot ask the daemon for its layers: {exc.strerror}") from None
+
+
+def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
+    """For each layer (top first) whether it has ``relpath``, and which copy the merge shows."""
+    view = MergedView([Layer.open(entry["path"], entry["name"], overlay_form=True) for entry in stack])
+    try:
+        sources, blocked_by = _resolve(view, relpath)
+        verdicts = []
+        parent, name = os.path.split(relpath)
+        for position, layer in enumerate(view.layers):
+            number = len(view.layers) - position
+            has = _kind_in_layer(layer, relpath)
+            marks = _markers_in_layer(layer, parent, name)
+            if position in sources:
+                note = "wins" if position == sources[0] else "merged into the directory above"
+            elif marks:
+                note = marks
+            elif has is None:
+                note = "-"
+            elif blocked_by is not None and position > blocked_by[0]:
+                note = f"hidden: {blocked_by[1]}"
+            elif sources:
+                note = f"hidden by layer {len(view.layers) - sources[0]}"
+            else:
+                note = "hidden"
+            verdicts.append(LayerVerdict(number, layer.name, has, note))
+        return verdicts
+    finally:
+        view.close()
+
+
+def _resolve(view: MergedView, relpath: str) -> tuple[list[int], tuple[int, str] | None]:
+    """The layers that make ``relpath`` in the merge, and what first hid it, if anything."""
+    node = view.root
+    parts = [part for part in relpath.split("/") if part]
+    for depth, part in enumerate(parts):
+        child = view.listing(node).get(os.fsencode(part))
+        if child is None:
+            return [], _first_blocker(view, "/".join(parts[:depth]), part, node.sources)
+        node = view.remember(node, child)
+    return list(node.sources), None
+
+
+def _first_blocker(view: MergedView, parent: str, name: str, sources: tuple[int, ...]) -> tuple[int, str] | None:
+    for position in sources:
+        marks = _markers_in_layer(view.layers[position], parent, name)
+        if marks:
+            return position, f"{marks} in layer {len(view.layers) - position}"
+    return None
+
+
+def _kind_in_layer(layer: Layer, relpath: str) -> str | None:
+    parent, name = os.path.split(relpath)
+    try:
+        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        st = os.stat(name or ".", dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    kinds = {stat.S_IFDIR: "directory", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
+             stat.S_IFCHR: "char device", stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo",
+             stat.S_IFSOCK: "socket"}
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return "whiteout (overlay form)"
+    return kinds.get(stat.S_IFMT(st.st_mode), "other")
+
+
+def _markers_in_layer(layer: Layer, parent: str, name: str) -> str:
+    """Whiteout or opaque markers in this layer that hide ``name`` below it."""
+    try:
+        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return ""
+    try:
+        found = []
+        with contextlib.suppress(OSError):
+            os.stat(whiteout_name(name), dir_fd=fd, follow_symlinks=False)
+            found.append(f"whiteout {os.path.join(parent, whiteout_name(name))}")
+        with contextlib.suppress(OSError):
+            os.stat(OPAQUE_MARKER, dir_fd=fd, follow_symlinks=False)
+            found.append(f"opaque directory /{parent}")
+        return ", ".join(found)
+    finally:
+        os.close(fd)
+
+
+def store_for(path: str | None) -> LayerStore:
+    return LayerStore(Path(path) if path else None)
+
+
+def image_summary(image: Image) -> dict:
+    """What ``inspect`` shows: platform, layers with digests and their build steps, runtime config."""
+    if not image.layers:
+        raise ImageError(f"{image.source}: image has no layers")
+    history = image.history()
+    layer_steps = [entry for entry in history if not entry.get("empty_layer")]
+    config = image.config.get("config") or {}
+    layers = []
+    for index, ref in enumerate(image.layers):
+        step = layer_steps[index] if index < len(layer_steps) else {}
+        layers.append({"index": index + 1, "digest": ref.digest, "diff_id": ref.diff_id, "size": ref.size,
+                       "media_type": ref.media_type, "created_by": step.get("created_by", ""),
+                       "created": step.get("created", "")})
+    return {
+        "source": image.source, "format": image.format, "id": image.id, "repo_tags": image.repo_tags,
+        "platform": image.platform, "created": image.config.get("created"), "layers": layers,
+        "history": history,
+        "config": {key: config.get(key) for key in
+                   ("Env", "Cmd", "Entrypoint", "WorkingDir", "ExposedPorts", "Volumes", "User", "Labels")},
+    }

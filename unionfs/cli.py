@@ -1,0 +1,221 @@
+"""Command line: parse, call the library, print. Every failure is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__, api
+from .errors import LayermountError, UsageError
+from .mount import MountOptions, check_mountpoint, unmount
+from .progress import PullProgress, human_size
+
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which")
+
+MOUNT_USAGE = """\
+layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
+layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top first
+layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
+layermount umount MOUNTPOINT                   unmount and wait for the daemon
+layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
+layermount inspect IMAGE [--json]              platform, layers, build steps and config
+layermount store ls | gc | rm IMAGE            the shared layer store"""
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="DIR", help="layer store (default $LAYERMOUNT_STORE, "
+                        "/var/lib/layermount as root, else $XDG_DATA_HOME/layermount)")
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to pick from a multi-platform image")
+    parser.add_argument("--image", dest="ref", metavar="REF", help="which image of an archive holding several (a tag)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layermount", usage=MOUNT_USAGE,
+                                     description="Mount a container image as one root filesystem.")
+    parser.add_argument("paths", nargs="+", metavar="IMAGE MOUNTPOINT")
+    _add_image_options(parser)
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                        help="mount options: lowerdir=L3:L2:L1 (top first) and FUSE options")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("--debug", action="store_true", help="log every request (implies -f)")
+    parser.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    parser.add_argument("--suid", action="store_true", help="honour setuid bits (default nosuid)")
+    parser.add_argument("--dev", action="store_true", help="allow device nodes (default nodev)")
+    parser.add_argument("--log", metavar="FILE", help="where the background daemon logs")
+    parser.add_argument("--version", action="version", version=f"layermount {__version__}")
+    return parser
+
+
+def _subcommand_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layermount")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    unpack = commands.add_parser("unpack", help="unpack an image or layer tars into the store")
+    unpack.add_argument("sources", nargs="+", metavar="IMAGE|LAYER.tar")
+    _add_image_options(unpack)
+
+    umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
+    umount.add_argument("mountpoint")
+    umount.add_argument("-l", "--lazy", action="store_true", help="detach now even if busy")
+
+    inspect = commands.add_parser("inspect", help="show an image's platform, layers, history and config")
+    inspect.add_argument("sources", nargs="+", metavar="IMAGE")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--platform")
+    inspect.add_argument("--image", dest="ref")
+
+    which = commands.add_parser("which", help="show which layers have a path and which one wins")
+    which.add_argument("path")
+
+    store = commands.add_parser("store", help="the layer store")
+    store.add_argument("--store", metavar="DIR")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    store_commands.add_parser("ls", help="layers, sizes and the images that use them")
+    store_commands.add_parser("gc", help="remove layers no recorded image uses")
+    remove = store_commands.add_parser("rm", help="forget an image (its layers go at the next gc)")
+    remove.add_argument("image", metavar="ID|TAG|PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return _run_subcommand(_subcommand_parser().parse_args(argv))
+        return _run_mount(_mount_parser().parse_args(argv))
+    except LayermountError as exc:
+        print(f"layermount: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("layermount: interrupted", file=sys.stderr)
+        return 130
+
+
+def _split_mount_options(raw: list[str]) -> tuple[dict[str, str], list[str]]:
+    named, passthrough = {}, []
+    for group in raw:
+        for option in filter(None, group.split(",")):
+            key, _, value = option.partition("=")
+            if key in ("lowerdir", "upperdir", "workdir"):
+                named[key] = value
+            else:
+                passthrough.append(option)
+    return named, passthrough
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    named, passthrough = _split_mount_options(args.options)
+    if "upperdir" in named or "workdir" in named:
+        raise UsageError("upperdir= and workdir= are not supported yet: mounts are read-only")
+    options = MountOptions(mountpoint="", foreground=args.foreground or args.debug, debug=args.debug,
+                           allow_other=args.allow_other, suid=args.suid, dev=args.dev, log_file=args.log,
+                           extra_options=[option for option in passthrough if option != "ro"])
+    if "lowerdir" in named:
+        if len(args.paths) != 1:
+            raise UsageError("with -o lowerdir=..., give only the MOUNTPOINT")
+        options.mountpoint = args.paths[0]
+        lowerdirs = [path for path in named["lowerdir"].split(":") if path]
+        if not lowerdirs:
+            raise UsageError("lowerdir= names no directory")
+        api.mount_lowerdirs(lowerdirs, options)
+        return 0
+    if len(args.paths) != 2:
+        raise UsageError("usage: layermount IMAGE MOUNTPOINT (or -o lowerdir=L3:L2:L1 MOUNTPOINT)")
+    image_path, options.mountpoint = args.paths
+    check_mountpoint(options.mountpoint)  # before the unpack: fail fast on a bad mountpoint
+    image = api.load_image([image_path], platform=args.platform, ref=args.ref)
+    api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet))
+    return 0
+
+
+def _run_subcommand(args: argparse.Namespace) -> int:
+    if args.command == "unpack":
+        image = api.load_image(args.sources, platform=args.platform, ref=args.ref)
+        store = api.store_for(args.store)
+        layers = api.unpack(image, store, PullProgress(quiet=args.quiet))
+        if not args.quiet:
+            print(f"Unpacked {image.source} ({len(layers)} layers) into {store.root}")
+        return 0
+    if args.command == "umount":
+        unmount(args.mountpoint, lazy=args.lazy)
+        return 0
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "which":
+        return _which(args.path)
+    if args.command == "store":
+        return _store(args)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = api.image_summary(api.load_image(args.sources, platform=args.platform, ref=args.ref))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"Image:    {summary['source']} ({summary['format']})")
+    print(f"Id:       {summary['id']}")
+    if summary["repo_tags"]:
+        print(f"Tags:     {', '.join(summary['repo_tags'])}")
+    print(f"Platform: {summary['platform'] or '-'}")
+    if summary["created"]:
+        print(f"Created:  {summary['created']}")
+    print("Layers (bottom first):")
+    for layer in summary["layers"]:
+        size = human_size(layer["size"]) if layer["size"] is not None else "?"
+        print(f"  {layer['index']:>3}  {(layer['diff_id'] or layer['digest'] or '?')[:19]}  {size:>9}  "
+              f"{layer['created_by'] or '-'}")
+    print("Config:")
+    for key, value in summary["config"].items():
+        if value:
+            print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    return 0
+
+
+def _which(path: str) -> int:
+    mountpoint, inside = api.find_mount(path)
+    verdicts = api.explain_path(api.mount_stack(mountpoint), inside)
+    print(f"/{inside}  (mount {mountpoint}, layers top first)")
+    for verdict in verdicts:
+        print(f"  layer {verdict.index:>3}  {verdict.name[:19]:<19}  {verdict.has or '-':<12}  {verdict.note}")
+    if not any(verdict.note == "wins" for verdict in verdicts):
+        print("  (not visible in the merged view)")
+        return 1
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    store = api.store_for(args.store)
+    if args.store_command == "ls":
+        images = store.images()
+        users: dict[str, list[str]] = {}
+        for record in images:
+            label = (record.get("repo_tags") or [os.path.basename(record.get("source", ""))])[0]
+            for diff_id in record.get("layers", []):
+                users.setdefault(diff_id, []).append(label)
+        layers = store.layers()
+        print(f"{'LAYER':<19}  {'SIZE':>9}  {'FILES':>7}  USED BY")
+        for layer in layers:
+            print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
+                  f"{', '.join(users.get(layer.diff_id, [])) or '(unused)'}")
+        total = sum(layer.size for layer in layers)
+        print(f"{len(layers)} layers, {human_size(total)}, {len(images)} images, store {store.root}")
+        return 0
+    if args.store_command == "gc":
+        removed, busy = store.gc()
+        freed = sum(layer.size for layer in removed)
+        print(f"removed {len(removed)} layers, freed {human_size(freed)}")
+        for layer in busy:
+            print(f"kept {layer.diff_id[:19]}: in use by a mount")
+        return 0
+    if args.store_command == "rm":
+        removed = store.remove_image(args.image)
+        if not removed:
+            raise UsageError(f"no image {args.image!r} recorded in store {store.root}")
+        for ident in removed:
+            print(f"forgot {ident}")
+        return 0
+    raise UsageError(f"unknown store command {args.store_command}")

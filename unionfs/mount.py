@@ -1,0 +1,238 @@
+"""A mount's life: checks, the daemon, the ready handshake, signals, unmount.
+
+``mount`` returns only once the kernel has sent the daemon a request and got
+an answer (the daemon stats its own mountpoint and reports through a pipe),
+so a caller that lists the mountpoint right after finds it ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .errors import MountError
+from .fuse_ops import LayerOperations
+from .overlay import PID_XATTR, MergedView
+
+FSTYPE = "fuse.layermount"
+log = logging.getLogger("layermount")
+
+
+@dataclass
+class MountOptions:
+    mountpoint: str
+    foreground: bool = False
+    debug: bool = False
+    allow_other: bool = False
+    suid: bool = False
+    dev: bool = False
+    read_only: bool = True
+    log_file: str | None = None
+    extra_options: list[str] = field(default_factory=list)
+
+    def fuse_options(self) -> set[str]:
+        """Safe by default: nosuid, nodev and kernel permission checks unless asked otherwise."""
+        options = set(pyfuse3.default_options) | {"fsname=layermount", "subtype=layermount", "default_permissions"}
+        options.add("suid" if self.suid else "nosuid")
+        options.add("dev" if self.dev else "nodev")
+        if self.read_only:
+            options.add("ro")
+        if self.allow_other:
+            options.add("allow_other")
+        if self.debug:
+            options.add("debug")
+        options.update(self.extra_options)
+        return options
+
+
+def check_mountpoint(path: str) -> str:
+    """The mountpoint must be an existing, empty directory that is not already mounted on."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        raise MountError(f"mountpoint {path}: does not exist")
+    if not os.path.isdir(real):
+        raise MountError(f"mountpoint {path}: not a directory")
+    if is_mounted(real):
+        raise MountError(f"mountpoint {path}: something is already mounted there")
+    try:
+        if os.listdir(real):
+            raise MountError(f"mountpoint {path}: not empty")
+    except PermissionError:
+        raise MountError(f"mountpoint {path}: permission denied") from None
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        reason = "missing" if not os.path.exists("/dev/fuse") else "permission denied"
+        raise MountError(f"/dev/fuse: {reason} (FUSE is needed to mount)")
+    return real
+
+
+def mount_entries() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) for every mount this process can see."""
+    entries = []
+    with open("/proc/self/mountinfo", "rb") as info:
+        for line in info:
+            fields = line.split()
+            separator = fields.index(b"-")
+            point = fields[4].decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+            entries.append((point, fields[separator + 1].decode()))
+    return entries
+
+
+def is_mounted(path: str, fstype: str | None = None) -> bool:
+    real = os.path.realpath(path)
+    return any(point == real and (fstype is None or kind == fstype) for point, kind in mount_entries())
+
+
+def mount(view_factory: Callable[[], MergedView], options: MountOptions,
+          cleanup: Callable[[], None] | None = None) -> int:
+    """Mount and serve; in the background unless ``options.foreground``.
+
+    Returns the daemon's pid once the mount answers (foreground: after unmount).
+    ``cleanup`` runs in the daemon after the mount is gone (e.g. to delete a
+    throw-away upper directory).
+    """
+    mountpoint = check_mountpoint(options.mountpoint)
+    options.mountpoint = mountpoint
+    view = view_factory()
+    if options.foreground:
+        _serve(view, options, ready_fd=None, cleanup=cleanup)
+        return os.getpid()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(ready_read)
+        code = 1
+        try:
+            os.setsid()
+            _detach_stdio(options.log_file)
+            code = _serve(view, options, ready_fd=ready_write, cleanup=cleanup)
+        finally:
+            os._exit(code)
+    os.close(ready_write)
+    view.close()
+    with os.fdopen(ready_read, "rb") as ready:
+        message = ready.read().decode(errors="replace").strip()
+    if message == "ready":
+        return pid
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    raise MountError(f"mount {options.mountpoint}: {message or 'the daemon exited before the mount was ready'}")
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+
+
+def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
+           cleanup: Callable[[], None] | None) -> int:
+    """Run the FUSE loop until unmounted or signalled; 0 on a clean exit."""
+    logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
+                        format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
+    operations = LayerOperations(view)
+    try:
+        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
+    except Exception as exc:  # pyfuse3 reports mount failures as RuntimeError
+        _report(ready_fd, f"cannot mount: {exc}")
+        view.close()
+        return 1
+    unmounted_by_us = False
+    try:
+        unmounted_by_us = trio.run(_main, options.mountpoint, ready_fd)
+    except Exception:
+        log.exception("FUSE loop failed")
+    finally:
+        pyfuse3.close(unmount=unmounted_by_us)
+        view.close()
+        if cleanup is not None:
+            cleanup()
+    return 0
+
+
+async def _main(mountpoint: str, ready_fd: int | None) -> bool:
+    """Serve; returns True when a signal ended it (so we must unmount ourselves)."""
+    signalled = False
+
+    async def announce_ready() -> None:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        _report(ready_fd, "ready")
+
+    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+        nonlocal signalled
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                signalled = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        nursery.start_soon(announce_ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return signalled
+
+
+def _report(ready_fd: int | None, message: str) -> None:
+    if ready_fd is None:
+        if message != "ready":
+            print(f"layermount: {message}", file=sys.stderr)
+        return
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, message.encode() + b"\n")
+        os.close(ready_fd)
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    try:
+        return int(os.getxattr(mountpoint, PID_XATTR.decode()))
+    except (OSError, ValueError):
+        return None
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon to exit; a dead daemon's mount (ENOTCONN) is cleared lazily."""
+    real = os.path.realpath(mountpoint)
+    if not is_mounted(real):
+        raise MountError(f"{mountpoint}: not mounted")
+    pid = daemon_pid(real)
+    dead = False
+    try:
+        os.stat(real)
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN
+    command = ["fusermount3", "-u"] + (["-z"] if lazy or dead else []) + [real]
+    if not any(point == real and kind.startswith("fuse") for point, kind in mount_entries()):
+        command = ["umount"] + (["-l"] if lazy else []) + [real]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise MountError(f"{mountpoint}: cannot unmount: {detail}")
+    if pid is not None:
+        _wait_for_exit(pid, timeout)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as proc_stat:
+                if proc_stat.read().split(b")")[-1].split()[0] == b"Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)
+    raise MountError(f"daemon {pid} did not exit within {timeout:.0f}s after unmount")

@@ -1,0 +1,403 @@
+"""The content-addressed layer store: each layer unpacked once, verified, atomically, shared by all images.
+
+Layout under the store root::
+
+    layers/<hex>/diff/         the layer's files as its tar says (whiteout markers kept)
+    layers/<hex>/layer.json    digests, sizes, whether ownership lives in override xattrs
+    images/<hex>.json          an image that was unpacked: its layers and config
+    blobs/<hex>                blob digest -> diff_id, for sources that do not record diff_ids
+    tmp/<key>.<random>/        unpacks in progress (a killed unpack leaves only these)
+    locks/<key>.lock           flock: exclusive while unpacking or collecting, shared while mounted
+
+``<hex>`` is the sha256 of the uncompressed layer tar (the diff_id), so a layer
+shared by ten images is one directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import DigestMismatch, ImageError, LayermountError, StoreError
+from .extract import extract_layer
+from .hashing import HashingReader
+from .image.compression import open_decompressed
+from .image.model import Image, LayerRef
+
+SHA256 = "sha256:"
+
+
+def default_store_path() -> Path:
+    """--store wins; then $LAYERMOUNT_STORE; then the system or per-user data dir."""
+    if env := os.environ.get("LAYERMOUNT_STORE"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/layermount")
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data_home) / "layermount"
+
+
+def hex_of(digest: str) -> str:
+    if not digest.startswith(SHA256) or len(digest) != len(SHA256) + 64:
+        raise ImageError(f"unsupported digest {digest!r} (only sha256 is supported)")
+    hexpart = digest[len(SHA256):]
+    if any(c not in "0123456789abcdef" for c in hexpart):
+        raise ImageError(f"malformed digest {digest!r}")
+    return hexpart
+
+
+def short_id(digest: str | None) -> str:
+    return (digest or "")[len(SHA256):][:12] if digest else "????????????"
+
+
+@dataclass
+class StoredLayer:
+    """A complete layer in the store."""
+
+    diff_id: str
+    path: Path             # the layer's files (the "diff" dir)
+    meta: dict
+
+    @property
+    def rootless(self) -> bool:
+        """Ownership and special modes are recorded in override xattrs, not applied."""
+        return bool(self.meta.get("rootless"))
+
+    @property
+    def size(self) -> int:
+        return int(self.meta.get("size", 0))
+
+
+ProgressFn = Callable[[str, str, int, int | None], None]
+"""progress(layer_short_id, status, bytes_done, bytes_total)"""
+
+
+def _no_progress(short: str, status: str, done: int, total: int | None) -> None:
+    pass
+
+
+class LayerStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_store_path()
+        self.layers_dir = self.root / "layers"
+        self.images_dir = self.root / "images"
+        self.blobs_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+
+    # ---- set-up -----------------------------------------------------------
+    def ensure(self) -> "LayerStore":
+        """Create the layout and clear what killed unpacks left behind."""
+        try:
+            for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"store {self.root}: cannot create it: {exc.strerror}") from None
+        self._clean_leftovers()
+        return self
+
+    def _clean_leftovers(self) -> None:
+        for leftover in self.tmp_dir.iterdir():
+            key = leftover.name.split(".", 1)[0]
+            with self._try_lock(key) as locked:
+                if locked:
+                    remove_tree(leftover)
+
+    # ---- locking ----------------------------------------------------------
+    def _lock_path(self, key: str) -> Path:
+        return self.locks_dir / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def _lock(self, key: str, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _try_lock(self, key: str) -> Iterator[bool]:
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+    def hold_layers(self, diff_ids: list[str]) -> list[int]:
+        """Shared locks that keep ``gc`` off these layers while a mount uses them.
+
+        The returned fds must stay open for the mount's life (closing releases).
+        """
+        fds = []
+        for diff_id in diff_ids:
+            fd = os.open(self._lock_path(hex_of(diff_id)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            fds.append(fd)
+        return fds
+
+    # ---- lookup -----------------------------------------------------------
+    def layer(self, diff_id: str) -> StoredLayer | None:
+        layer_dir = self.layers_dir / hex_of(diff_id)
+        try:
+            meta = json.loads((layer_dir / "layer.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"store {self.root}: layer {short_id(diff_id)} is damaged: {exc}") from None
+        return StoredLayer(diff_id, layer_dir / "diff", meta)
+
+    def layers(self) -> list[StoredLayer]:
+        found = []
+        if self.layers_dir.is_dir():
+            for entry in sorted(self.layers_dir.iterdir()):
+                layer = self.layer(SHA256 + entry.name)
+                if layer is not None:
+                    found.append(layer)
+        return found
+
+    def images(self) -> list[dict]:
+        records = []
+        if self.images_dir.is_dir():
+            for entry in sorted(self.images_dir.glob("*.json")):
+                with contextlib.suppress(OSError, ValueError):
+                    records.append(json.loads(entry.read_text()))
+        return records
+
+    def _known_diff_id(self, blob_digest: str) -> str | None:
+        with contextlib.suppress(OSError):
+            return (self.blobs_dir / hex_of(blob_digest)).read_text().strip()
+        return None
+
+    # ---- unpack -----------------------------------------------------------
+    def unpack_image(self, image: Image, progress: ProgressFn = _no_progress, jobs: int | None = None) -> list[StoredLayer]:
+        """Make every layer of ``image`` present in the store; return them bottom first.
+
+        Layers unpack in parallel; each is verified against the digests the
+        image records before it becomes visible.
+        """
+        self.ensure()
+        jobs = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(self._unpack_layer, image, index, ref, progress)
+                       for index, ref in enumerate(image.layers)]
+            results, first_error = [], None
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except LayermountError as exc:
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        self._record_image(image, results)
+        return results
+
+    def _unpack_layer(self, image: Image, index: int, ref: LayerRef, progress: ProgressFn) -> StoredLayer:
+        label = f"{image.source}: layer {index + 1} ({ref.name})"
+        diff_id = ref.diff_id
+        if diff_id is None and ref.digest is not None:
+            diff_id = self._known_diff_id(ref.digest)
+        if diff_id is not None:
+            key = hex_of(diff_id)
+            short = short_id(diff_id)
+        else:
+            # Nothing tells the diff_id before reading: unpack under a key of our own.
+            key = "unknown-" + os.urandom(8).hex()
+            short = short_id(ref.digest) if ref.digest else f"layer {index + 1}"
+        if diff_id is not None and (existing := self.layer(diff_id)) is not None:
+            progress(short, "Already exists", existing.size, existing.size)
+            return existing
+        with self._lock(key):
+            if diff_id is not None and (existing := self.layer(diff_id)) is not None:
+                progress(short, "Already exists", existing.size, existing.size)
+                return existing
+            work = Path(tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir))
+            try:
+                meta = self._extract_verified(ref, work, label, short, diff_id, progress)
+                if diff_id is not None:
+                    stored = self._publish(work, meta)
+                else:
+                    with self._lock(hex_of(meta["diff_id"])):
+                        stored = self._publish(work, meta)
+            finally:
+                remove_tree(work)
+        progress(short_id(stored.diff_id), "Pull complete", meta["compressed_size"], meta["compressed_size"])
+        return stored
+
+    def _extract_verified(self, ref: LayerRef, work: Path, label: str, short: str,
+                          expected_diff_id: str | None, progress: ProgressFn) -> dict:
+        """Unpack into ``work``/diff while hashing both streams; return the layer's metadata."""
+        diff_dir = work / "diff"
+        diff_dir.mkdir()
+        try:
+            blob = ref.open()
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read blob: {exc.strerror or exc}") from None
+        with blob:
+            compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, "Extracting", done, ref.size))
+            uncompressed = HashingReader(open_decompressed(compressed))
+            try:
+                stats = extract_layer(uncompressed, diff_dir)
+                uncompressed.drain()
+                compressed.drain()
+            except ImageError as exc:
+                raise type(exc)(f"{label}: {exc}") from None
+            except OSError as exc:
+                raise StoreError(f"{label}: cannot write to store {self.root}: {exc.strerror or exc}") from None
+        digest, diff_id = compressed.digest, uncompressed.digest
+        progress(short, "Verifying Checksum", compressed.bytes_read, ref.size)
+        if ref.digest is not None and digest != ref.digest:
+            raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, content is {digest}")
+        if expected_diff_id is not None and diff_id != expected_diff_id:
+            raise DigestMismatch(f"{label}: diff_id mismatch: image says {expected_diff_id}, content is {diff_id}")
+        meta = {
+            "diff_id": diff_id,
+            "digest": digest,
+            "media_type": ref.media_type,
+            "compressed_size": compressed.bytes_read,
+            "tar_size": uncompressed.bytes_read,
+            "size": stats.bytes,
+            "entries": stats.entries,
+            "rootless": bool(stats.overrides),
+            "unpacked_at": time.time(),
+        }
+        (work / "layer.json").write_text(json.dumps(meta, indent=1))
+        return meta
+
+    def _publish(self, work: Path, meta: dict) -> StoredLayer:
+        """Rename a verified unpack into place (caller holds the layer's lock).
+
+        A layer dir exists only once complete; if another unpack of the same
+        content won the race, theirs is kept and ours discarded.
+        """
+        diff_id = meta["diff_id"]
+        final = self.layers_dir / hex_of(diff_id)
+        if not final.exists():
+            try:
+                os.rename(work, final)
+            except OSError as exc:
+                raise StoreError(f"store {self.root}: cannot publish layer {short_id(diff_id)}: {exc.strerror}") from None
+            _fsync_dir(self.layers_dir)
+        (self.blobs_dir / hex_of(meta["digest"])).write_text(diff_id + "\n")
+        return self.layer(diff_id)
+
+    def _record_image(self, image: Image, layers: list[StoredLayer]) -> None:
+        record = {
+            "id": image.id,
+            "source": os.path.abspath(image.source),
+            "format": image.format,
+            "repo_tags": image.repo_tags,
+            "platform": image.platform,
+            "layers": [layer.diff_id for layer in layers],
+            "config": image.config,
+            "recorded_at": time.time(),
+        }
+        path = self.images_dir / f"{hex_of(image.id)}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+
+    # ---- maintenance ------------------------------------------------------
+    def remove_image(self, name: str) -> list[str]:
+        """Forget recorded images matching an id prefix, tag or source path; return their ids."""
+        removed = []
+        for record in self.images():
+            if _image_matches(record, name):
+                (self.images_dir / f"{hex_of(record['id'])}.json").unlink(missing_ok=True)
+                removed.append(record["id"])
+        return removed
+
+    def gc(self) -> tuple[list[StoredLayer], list[StoredLayer]]:
+        """Remove layers no recorded image uses; return (removed, kept-because-mounted)."""
+        self.ensure()
+        used = {diff_id for record in self.images() for diff_id in record.get("layers", [])}
+        removed, busy = [], []
+        for layer in self.layers():
+            if layer.diff_id in used:
+                continue
+            hexpart = hex_of(layer.diff_id)
+            with self._try_lock(hexpart) as locked:
+                if not locked:
+                    busy.append(layer)
+                    continue
+                # Rename first so no reader ever sees a half-removed layer.
+                doomed = Path(tempfile.mkdtemp(prefix=f"gc-{hexpart}.", dir=self.tmp_dir))
+                os.rename(self.layers_dir / hexpart, doomed / "layer")
+                remove_tree(doomed)
+                removed.append(layer)
+        return removed, busy
+
+
+def _image_matches(record: dict, name: str) -> bool:
+    ident = record.get("id", "")
+    return (name in record.get("repo_tags", []) or name == record.get("source")
+            or os.path.abspath(name) == record.get("source")
+            or (len(name) >= 6 and (ident.startswith(name) or ident[len(SHA256):].startswith(name))))
+
+
+class _ProgressReader:
+    """Reports bytes read at most every 4 MiB, so progress costs nothing per chunk."""
+
+    def __init__(self, inner: HashingReader, report: Callable[[int], None]):
+        self._inner = inner
+        self._report = report
+        self._next_report = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if self._inner.bytes_read >= self._next_report:
+            self._report(self._inner.bytes_read)
+            self._next_report = self._inner.bytes_read + (4 << 20)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        self._inner.drain()
+
+    @property
+    def digest(self) -> str:
+        return self._inner.digest
+
+    @property
+    def bytes_read(self) -> int:
+        return self._inner.bytes_read
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also works on read-only dirs an unprivileged unpack left (mode 0555)."""
+    def make_writable_and_retry(function, failed_path, _exc_info):
+        parent = os.path.dirname(failed_path)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, stat.S_IRWXU)
+            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
+                os.chmod(failed_path, stat.S_IRWXU)
+        function(failed_path)
+
+    if not os.path.lexists(path):
+        return
+    shutil.rmtree(path, onerror=make_writable_and_retry)
