@@ -7,21 +7,27 @@ import json
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from . import safepath
 from .errors import ImageError, MountError, UsageError
-from .image import open_image, open_layer_tars
 from .image.model import Image
 from .mount import FSTYPE, MountOptions, mount, mount_entries
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
-from .store import LayerStore, StoredLayer
 from .whiteout import OPAQUE_MARKER, whiteout_name
+
+if TYPE_CHECKING:
+    from .store import LayerStore, StoredLayer
 
 
 def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None) -> Image:
     """One argument is an image (docker-archive or OCI); several are plain layer tars, bottom first."""
+    # Imported here, like the store below: mounting plain directories needs neither,
+    # and the daemon's start-up time is part of every mount.
+    from .image import open_image, open_layer_tars
+
     if not sources:
         raise UsageError("no image given")
     if len(sources) == 1:
@@ -29,11 +35,11 @@ def load_image(sources: list[str], *, platform: str | None = None, ref: str | No
     return open_layer_tars(sources)
 
 
-def unpack(image: Image, store: LayerStore, progress=None) -> list[StoredLayer]:
+def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLayer"]:
     return store.unpack_image(image, progress or PullProgress(quiet=True))
 
 
-def mount_image(image: Image, store: LayerStore, options: MountOptions, progress=None) -> int:
+def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None) -> int:
     """Unpack what is missing, then mount; returns the daemon pid once the mount is ready."""
     stored = unpack(image, store, progress)
     held = store.hold_layers([layer.diff_id for layer in stored])
@@ -177,7 +183,9 @@ def _markers_in_layer(layer: Layer, parent: str, name: str) -> str:
         os.close(fd)
 
 
-def store_for(path: str | None) -> LayerStore:
+def store_for(path: str | None) -> "LayerStore":
+    from .store import LayerStore
+
     return LayerStore(Path(path) if path else None)
 
 

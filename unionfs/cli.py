@@ -180,7 +180,8 @@ def _which(path: str) -> int:
     verdicts = api.explain_path(api.mount_stack(mountpoint), inside)
     print(f"/{inside}  (mount {mountpoint}, layers top first)")
     for verdict in verdicts:
-        print(f"  layer {verdict.index:>3}  {verdict.name[:19]:<19}  {verdict.has or '-':<12}  {verdict.note}")
+        name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name
+        print(f"  layer {verdict.index:>3}  {verdict.has or '-':<12}  {verdict.note:<40}  {name}")
     if not any(verdict.note == "wins" for verdict in verdicts):
         print("  (not visible in the merged view)")
         return 1

@@ -1,0 +1,105 @@
+"""Fixtures shared by the tests: real mounts through the real CLI, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unionfs.mount import FSTYPE, daemon_pid, is_mounted, mount_entries
+
+LAYERMOUNT = [sys.executable, "-m", "unionfs"]
+
+
+def run_layermount(*args, check=False, env=None, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([*LAYERMOUNT, *map(str, args)], capture_output=True, text=True, check=check,
+                          env=full_env, timeout=timeout, **kwargs)
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs (a zombie waiting for init to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as proc_stat:
+            return proc_stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+class Mounts:
+    """Mounts made by one test; teardown unmounts them all and kills any daemon left."""
+
+    def __init__(self, tmp_path: Path, store: Path):
+        self.tmp_path = tmp_path
+        self.store = store
+        self.points: list[Path] = []
+        self.pids: set[int] = set()
+
+    def mountpoint(self, name: str = "mnt") -> Path:
+        point = self.tmp_path / name
+        point.mkdir(exist_ok=True)
+        return point
+
+    def mount(self, *args, mountpoint: Path | None = None, expect_ok: bool = True, store: bool = True):
+        point = mountpoint or self.mountpoint()
+        extra = ["--store", self.store] if store else []
+        result = run_layermount(*args, point, *extra)
+        if is_mounted(str(point)):
+            self.points.append(point)
+            pid = daemon_pid(str(point))
+            if pid:
+                self.pids.add(pid)
+        if expect_ok:
+            assert result.returncode == 0, f"mount failed: {result.stderr}"
+            return point
+        return result
+
+    def mount_lowers(self, lowers_top_first, *args, mountpoint: Path | None = None, expect_ok: bool = True):
+        spec = "lowerdir=" + ":".join(str(path) for path in lowers_top_first)
+        return self.mount("-o", spec, *args, mountpoint=mountpoint, expect_ok=expect_ok, store=False)
+
+    def umount(self, point: Path) -> None:
+        result = run_layermount("umount", point)
+        assert result.returncode == 0, result.stderr
+
+    def cleanup(self) -> None:
+        for point in reversed(self.points):
+            if is_mounted(str(point)):
+                run_layermount("umount", point, timeout=60)
+            if is_mounted(str(point)):
+                subprocess.run(["fusermount3", "-uz", str(point)], capture_output=True)
+        deadline = time.monotonic() + 10
+        for pid in self.pids:
+            while time.monotonic() < deadline and alive(pid):
+                time.sleep(0.05)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def mounts(tmp_path, store_dir):
+    manager = Mounts(tmp_path, store_dir)
+    try:
+        yield manager
+    finally:
+        manager.cleanup()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_mount_left_behind():
+    before = {point for point, kind in mount_entries() if kind == FSTYPE}
+    yield
+    left = {point for point, kind in mount_entries() if kind == FSTYPE} - before
+    for point in left:
+        subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+    assert not left, f"tests left layermount mounts behind: {sorted(left)}"
