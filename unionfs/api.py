@@ -16,6 +16,7 @@ from .image.model import Image
 from .mount import FSTYPE, MountOptions, mount, mount_entries
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
+from .upper import OCI, OVERLAY, UpperLayer
 from .whiteout import OPAQUE_MARKER, whiteout_name
 
 if TYPE_CHECKING:
@@ -39,25 +40,74 @@ def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLaye
     return store.unpack_image(image, progress or PullProgress(quiet=True))
 
 
-def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None) -> int:
-    """Unpack what is missing, then mount; returns the daemon pid once the mount is ready."""
+def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,
+                upper_dir: str | None = None) -> int:
+    """Unpack what is missing, then mount; returns the daemon pid once the mount is ready.
+
+    Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
+    into a throw-away upper in the store that goes with the unmount.
+    """
     stored = unpack(image, store, progress)
     held = store.hold_layers([layer.diff_id for layer in stored])
+    cleanup = None
+    upper = None
     try:
-        return mount(lambda: MergedView(layers_from_store(stored)), options)
+        if not options.read_only:
+            if upper_dir is None:
+                upper_dir, held_upper = store.scratch_upper()
+                held.append(held_upper)
+                scratch = upper_dir
+                cleanup = lambda: remove_tree(Path(scratch))  # noqa: E731 - runs in the daemon
+            upper = prepare_upper(upper_dir, image=image, layers=stored, store=store)
+
+        def open_view() -> MergedView:
+            return MergedView(layers_from_store(stored), _open_upper(upper, OCI) if upper else None)
+        return mount(open_view, options, cleanup=cleanup)
     finally:
         for fd in held:
             os.close(fd)
 
 
-def mount_lowerdirs(lowerdirs: list[str], options: MountOptions) -> int:
+def prepare_upper(path: str, *, image: Image, layers, store) -> tuple[str, str]:
+    """A kept upper is a directory holding ``diff/`` (the layer), ``work/`` and what it sits on."""
+    root = Path(path)
+    try:
+        (root / "diff").mkdir(parents=True, exist_ok=True)
+        (root / "work").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"upper {path}: cannot create it: {exc.strerror}") from None
+    record = root / "layermount.json"
+    info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
+            "layers": [layer.diff_id for layer in layers]}
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous.get("layers") != info["layers"]:
+            raise UsageError(f"upper {path}: was made on another image ({previous.get('image')})")
+    else:
+        record.write_text(json.dumps(info, indent=1))
+    return str(root / "diff"), str(root / "work")
+
+
+def _open_upper(upper: tuple[str, str], whiteout_form: str):
+    try:
+        return UpperLayer(upper[0], upper[1], whiteout_form)
+    except OSError as exc:
+        raise UsageError(f"upper {upper[0]}: {exc.strerror}") from None
+
+
+def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str | None = None,
+                    workdir: str | None = None, whiteout_form: str = OVERLAY) -> int:
     """Mount plain layer directories, top first, as kernel overlayfs' lowerdir= takes them."""
-    for path in lowerdirs:
-        if not os.path.isdir(path):
-            raise UsageError(f"lowerdir {path}: not a directory")
+    for kind, path in [("lowerdir", p) for p in lowerdirs] + [("upperdir", upperdir), ("workdir", workdir)]:
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(f"{kind} {path}: not a directory")
+    if (upperdir is None) != (workdir is None):
+        raise UsageError("upperdir= and workdir= go together")
+    options.read_only = options.read_only or upperdir is None
 
     def open_view() -> MergedView:
-        return MergedView([Layer.open(path) for path in lowerdirs])
+        upper = _open_upper((upperdir, workdir), whiteout_form) if upperdir and not options.read_only else None
+        return MergedView([Layer.open(path) for path in lowerdirs], upper)
     return mount(open_view, options)
 
 
@@ -103,6 +153,8 @@ def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
         verdicts = []
         parent, name = os.path.split(relpath)
         for position, layer in enumerate(view.layers):
+            if layer is None:
+                continue
             number = len(view.layers) - position
             has = _kind_in_layer(layer, relpath)
             marks = _markers_in_layer(layer, parent, name)
@@ -181,6 +233,12 @@ def _markers_in_layer(layer: Layer, parent: str, name: str) -> str:
         return ", ".join(found)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    from .store import remove_tree as remove
+
+    remove(path)
 
 
 def store_for(path: str | None) -> "LayerStore":

@@ -45,6 +45,11 @@ def _mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suid", action="store_true", help="honour setuid bits (default nosuid)")
     parser.add_argument("--dev", action="store_true", help="allow device nodes (default nodev)")
     parser.add_argument("--log", metavar="FILE", help="where the background daemon logs")
+    parser.add_argument("--upper", metavar="DIR", help="keep changes in DIR (a later mount with it shows them "
+                        "again); default: a throw-away upper removed at unmount")
+    parser.add_argument("--read-only", action="store_true", help="no upper layer: every write fails with EROFS")
+    parser.add_argument("--whiteout-format", choices=("overlay", "oci"),
+                        help="how deletions are written in an -o upperdir= upper (default overlay; image mounts: oci)")
     parser.add_argument("--version", action="version", version=f"layermount {__version__}")
     return parser
 
@@ -108,11 +113,10 @@ def _split_mount_options(raw: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _run_mount(args: argparse.Namespace) -> int:
     named, passthrough = _split_mount_options(args.options)
-    if "upperdir" in named or "workdir" in named:
-        raise UsageError("upperdir= and workdir= are not supported yet: mounts are read-only")
     options = MountOptions(mountpoint="", foreground=args.foreground or args.debug, debug=args.debug,
                            allow_other=args.allow_other, suid=args.suid, dev=args.dev, log_file=args.log,
-                           extra_options=[option for option in passthrough if option != "ro"])
+                           read_only=args.read_only or "ro" in passthrough,
+                           extra_options=[option for option in passthrough if option not in ("ro", "rw")])
     if "lowerdir" in named:
         if len(args.paths) != 1:
             raise UsageError("with -o lowerdir=..., give only the MOUNTPOINT")
@@ -120,14 +124,19 @@ def _run_mount(args: argparse.Namespace) -> int:
         lowerdirs = [path for path in named["lowerdir"].split(":") if path]
         if not lowerdirs:
             raise UsageError("lowerdir= names no directory")
-        api.mount_lowerdirs(lowerdirs, options)
+        api.mount_lowerdirs(lowerdirs, options, named.get("upperdir"), named.get("workdir"),
+                            args.whiteout_format or "overlay")
         return 0
+    if "upperdir" in named or "workdir" in named:
+        raise UsageError("upperdir= and workdir= go with lowerdir=; for an image use --upper DIR")
     if len(args.paths) != 2:
         raise UsageError("usage: layermount IMAGE MOUNTPOINT (or -o lowerdir=L3:L2:L1 MOUNTPOINT)")
     image_path, options.mountpoint = args.paths
     check_mountpoint(options.mountpoint)  # before the unpack: fail fast on a bad mountpoint
     image = api.load_image([image_path], platform=args.platform, ref=args.ref)
-    api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet))
+    if args.whiteout_format == "overlay":
+        raise UsageError("an image mount's upper is an OCI layer: --whiteout-format overlay is for -o upperdir=")
+    api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper)
     return 0
 
 

@@ -11,16 +11,22 @@ import errno
 import functools
 import logging
 import os
+import stat
 
 import pyfuse3
 import trio
 
-from .overlay import Attr, MergedView, Node
+from .overlay import HIDDEN_XATTR_PREFIXES, Attr, MergedView, Node
+from .safepath import fd_path
 
 log = logging.getLogger("layermount")
 
 # Lower layers never change: the kernel may keep what it learnt about them for a day.
 LOWER_TIMEOUT = 86400.0
+# Upper entries change only through this mount, so the kernel's own updates keep it
+# right; a short attribute timeout is a cheap safety net.
+UPPER_ATTR_TIMEOUT = 1.0
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # Reads this large go to a worker thread so one slow disk read never stalls every request.
 THREADED_READ_SIZE = 64 * 1024
 
@@ -60,6 +66,10 @@ class LayerOperations(pyfuse3.Operations):
         self.view = view
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
+        # fds opened on a lower file, by inode: repointed at the copy when it is copied up,
+        # so a reader that opened before a copy-up sees the writes made after it.
+        self._lower_fds: dict[int, set[int]] = {}
+        self._fd_inode: dict[int, int] = {}
 
     # ---- attributes ------------------------------------------------------
     def _entry(self, ino: int, attr: Attr, merged_dir: bool) -> pyfuse3.EntryAttributes:
@@ -67,7 +77,7 @@ class LayerOperations(pyfuse3.Operations):
         entry.st_ino = ino
         entry.generation = 0
         entry.entry_timeout = LOWER_TIMEOUT
-        entry.attr_timeout = LOWER_TIMEOUT
+        entry.attr_timeout = LOWER_TIMEOUT if attr.host_dev != self._upper_dev else UPPER_ATTR_TIMEOUT
         entry.st_mode = attr.mode
         # Like kernel overlayfs: a merged directory's link count is not knowable
         # without listing every layer, so it reports 1 (find copes with that).
@@ -83,8 +93,13 @@ class LayerOperations(pyfuse3.Operations):
         entry.st_ctime_ns = attr.ctime_ns
         return entry
 
+    @functools.cached_property
+    def _upper_dev(self) -> int | None:
+        return os.fstat(self.view.upper.root_fd).st_dev if self.view.upper is not None else None
+
     def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._entry(node.ino, node.attr, node.attr.is_dir and len(node.sources) > 1)
+        attr = self.view.attr(node)
+        return self._entry(node.ino, attr, attr.is_dir and len(node.sources) > 1)
 
     # ---- lookups ---------------------------------------------------------
     @_fuse_boundary
@@ -140,6 +155,8 @@ class LayerOperations(pyfuse3.Operations):
         entries = handle.entries
         for index in range(max(start_id - 2, 0), len(entries)):
             child = entries[index]
+            if child.in_upper:
+                view.refresh(child, node)
             ino = view.ino_for(child.attr)
             known = view.nodes.get(ino)
             attr = (self._node_entry(known) if known is not None
@@ -156,10 +173,25 @@ class LayerOperations(pyfuse3.Operations):
     @_fuse_boundary
     async def open(self, inode, flags, ctx):
         node = self.view.node(inode)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        fd = self.view.open_file(node, os.O_RDONLY)
+        if flags & WRITE_FLAGS:
+            if not self.view.writable:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if not node.child.in_upper:
+                self.view.copy_up(node, with_data=not flags & os.O_TRUNC)
+                self._repoint_readers(node)
+            fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
+        else:
+            fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
+            if not node.child.in_upper:
+                self._lower_fds.setdefault(node.ino, set()).add(fd)
+        self._fd_inode[fd] = node.ino
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _repoint_readers(self, node: Node) -> None:
+        for fd in self._lower_fds.pop(node.ino, ()):
+            copy = self.view.open_file(node, os.O_RDONLY)
+            os.dup2(copy, fd, inheritable=False)
+            os.close(copy)
 
     @_fuse_boundary
     async def read(self, fh, off, size):
@@ -168,8 +200,147 @@ class LayerOperations(pyfuse3.Operations):
         return os.pread(fh, size, off)
 
     @_fuse_boundary
+    async def write(self, fh, off, buf):
+        return os.pwrite(fh, buf, off)
+
+    @_fuse_boundary
     async def release(self, fh):
+        ino = self._fd_inode.pop(fh, None)
+        readers = self._lower_fds.get(ino)
+        if readers is not None:
+            readers.discard(fh)
+            if not readers:
+                del self._lower_fds[ino]
         os.close(fh)
+
+    @_fuse_boundary
+    async def fsync(self, fh, datasync):
+        (os.fdatasync if datasync else os.fsync)(fh)
+
+    @_fuse_boundary
+    async def fsyncdir(self, fh, datasync):
+        if self.view.upper is not None:
+            os.fsync(self.view.upper.root_fd)
+
+    @_fuse_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._require_writable()
+        node, fd = self.view.create(self.view.node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        self._fd_inode[fd] = node.ino
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._node_entry(node)
+
+    # ---- namespace changes -----------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.view.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @_fuse_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._require_writable()
+        return self._node_entry(self.view.mkdir(self.view.node(parent_inode), name, mode, ctx.uid, ctx.gid))
+
+    @_fuse_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._require_writable()
+        return self._node_entry(self.view.mknod(self.view.node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_fuse_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._require_writable()
+        return self._node_entry(self.view.symlink(self.view.node(parent_inode), name, target, ctx.uid, ctx.gid))
+
+    @_fuse_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._require_writable()
+        node = self.view.node(inode)
+        was_lower = not node.child.in_upper
+        linked = self.view.link(node, self.view.node(new_parent_inode), new_name)
+        if was_lower:
+            self._repoint_readers(node)
+        return self._node_entry(linked)
+
+    @_fuse_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        self._require_writable()
+        self.view.unlink(self.view.node(parent_inode), name)
+
+    @_fuse_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        self._require_writable()
+        self.view.rmdir(self.view.node(parent_inode), name)
+
+    @_fuse_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._require_writable()
+        view = self.view
+        parent = view.node(parent_inode_old)
+        moving = view.listing(parent).get(name_old)
+        was_lower = moving is not None and not moving.in_upper and not moving.attr.is_dir
+        view.rename(parent, name_old, view.node(parent_inode_new), name_new, flags)
+        if was_lower:
+            moved = view.nodes.get(view.ino_for(moving.attr))
+            if moved is not None:
+                self._repoint_readers(moved)
+
+    # ---- attribute changes -------------------------------------------------
+    @_fuse_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.view.node(inode)
+        if not (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_atime or fields.update_mtime):
+            return self._node_entry(node)
+        self._require_writable()
+        if fields.update_size and fh is not None and fh in self._fd_inode and node.child.in_upper:
+            os.ftruncate(fh, attr.st_size)
+        elif fields.update_size:
+            if not node.child.in_upper:
+                self.view.copy_up(node, with_data=attr.st_size > 0)
+                self._repoint_readers(node)
+            fd = self.view.open_file(node, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, attr.st_size)
+            finally:
+                os.close(fd)
+        dir_fd, name = self.view.upper_path_of(node)
+        try:
+            self._repoint_readers(node)
+            if fields.update_uid or fields.update_gid:
+                os.chown(name, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1,
+                         dir_fd=dir_fd, follow_symlinks=False)
+            if fields.update_mode and not stat.S_ISLNK(node.attr.mode):
+                os.chmod(name, stat.S_IMODE(attr.st_mode), dir_fd=dir_fd)
+            if fields.update_atime or fields.update_mtime:
+                current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                times = (attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
+                         attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns)
+                os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+        return self._node_entry(node)
+
+    @_fuse_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        self._require_writable()
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        node = self.view.node(inode)
+        dir_fd, entry = self.view.upper_path_of(node)
+        try:
+            os.setxattr(fd_path(dir_fd, entry), os.fsdecode(name), value, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+    @_fuse_boundary
+    async def removexattr(self, inode, name, ctx):
+        self._require_writable()
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        node = self.view.node(inode)
+        dir_fd, entry = self.view.upper_path_of(node)
+        try:
+            os.removexattr(fd_path(dir_fd, entry), os.fsdecode(name), follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
 
     @_fuse_boundary
     async def flush(self, fh):

@@ -37,7 +37,7 @@ class MountOptions:
     allow_other: bool = False
     suid: bool = False
     dev: bool = False
-    read_only: bool = True
+    read_only: bool = False
     log_file: str | None = None
     extra_options: list[str] = field(default_factory=list)
 

@@ -1,9 +1,10 @@
-"""The merged view of a layer stack: nodes, cached directory listings, attributes.
+"""The merged view of a layer stack: nodes, cached directory listings, attributes, copy-up.
 
 Lower layers never change, so a directory's merged listing is built once
 (each layer's copy scanned once, the rules of ``whiteout.merge`` applied) and
 kept while the kernel holds the directory; a lookup is then one dict access,
-whether the image has 2 layers or 200.
+whether the image has 2 layers or 200. Changes go to the upper layer (index 0
+when there is one) and update the cached listings in place.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import safepath
-from .whiteout import DirListing, merge
+from .upper import UpperLayer, read_xattrs, remove_tree_at
+from .whiteout import WHITEOUT_PREFIX, DirListing, merge
 
 OVERRIDE_XATTR = "user.containers.override_stat"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -25,6 +27,7 @@ PID_XATTR = b"user.layermount.pid"
 # Never shown through the mount: our bookkeeping and the kernel overlay's.
 HIDDEN_XATTR_PREFIXES = (b"user.containers.override_stat", b"trusted.overlay.", b"user.overlay.", b"user.layermount.")
 ROOT_INODE = 1
+UPPER = 0
 # Host inode numbers are reused as st_ino (stable, hardlinks agree for free);
 # what does not fit below this bound, or lives on another device, is numbered here.
 _DIRECT_INO_LIMIT = 1 << 48
@@ -32,9 +35,9 @@ _DIRECT_INO_LIMIT = 1 << 48
 
 @dataclass
 class Layer:
-    """One read-only layer directory, held open by fd so paths resolve beneath it."""
+    """One layer directory, held open by fd so paths resolve beneath it."""
 
-    name: str                 # the diff_id for store layers, the directory for -o lowerdir
+    name: str                 # the diff_id for store layers, the directory for -o lowerdir, "upper"
     path: str
     root_fd: int
     rootless: bool            # owner and special modes live in the override xattr
@@ -55,7 +58,7 @@ class Layer:
 
 
 class Attr:
-    """The attributes served for an entry: the lower's lstat, corrected by any override xattr."""
+    """The attributes served for an entry: the layer's lstat, corrected by any override xattr."""
 
     __slots__ = ("mode", "uid", "gid", "size", "nlink", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
                  "blocks", "host_dev", "host_ino")
@@ -99,20 +102,41 @@ class Child:
         self.sources = sources   # layer indexes, top first; several only for a merged directory
         self.attr = attr
 
+    @property
+    def in_upper(self) -> bool:
+        return self.sources[0] == UPPER
+
+    @property
+    def is_merged_dir(self) -> bool:
+        return self.attr.is_dir and len(self.sources) > 1
+
 
 class Node:
-    """An inode the kernel knows: where it sits in the tree and what it merges."""
+    """An inode the kernel knows: where it sits in the tree; its Child says what it is."""
 
-    __slots__ = ("ino", "parent", "name", "sources", "attr", "lookups", "listing")
+    __slots__ = ("ino", "parent", "child", "lookups", "listing", "lower_names", "unlinked")
 
-    def __init__(self, ino: int, parent: "Node | None", name: bytes, sources: tuple[int, ...], attr: Attr):
+    def __init__(self, ino: int, parent: "Node | None", child: Child):
         self.ino = ino
         self.parent = parent
-        self.name = name
-        self.sources = sources
-        self.attr = attr
+        self.child = child
         self.lookups = 0
         self.listing: dict[bytes, Child] | None = None
+        # Names the lower layers show here; removing one of them needs a whiteout.
+        self.lower_names: set[bytes] = set()
+        self.unlinked = False
+
+    @property
+    def name(self) -> bytes:
+        return self.child.name
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        return self.child.sources
+
+    @property
+    def attr(self) -> Attr:
+        return self.child.attr
 
     @property
     def relpath(self) -> bytes:
@@ -130,39 +154,58 @@ class Node:
 
 
 class MergedView:
-    """The layer stack (top first) seen as one tree."""
+    """The layer stack seen as one tree.
 
-    def __init__(self, layers: list[Layer]):
-        if not layers:
-            raise ValueError("a merged view needs at least one layer")
-        self.layers = layers
+    Layer indexes are fixed for the mount's life: 0 is the upper (None on a
+    read-only mount), 1 … n the lower layers, top first.
+    """
+
+    def __init__(self, lowers: list[Layer], upper: UpperLayer | None = None):
+        if not lowers:
+            raise ValueError("a merged view needs at least one lower layer")
+        self.upper = upper
+        upper_layer = Layer("upper", upper.path, upper.root_fd, False, True) if upper is not None else None
+        self.layers: list[Layer | None] = [upper_layer] + list(lowers)
         self._ino_of_host: dict[tuple[int, int], int] = {}
         self._next_ino = _DIRECT_INO_LIMIT
-        self._direct_dev = os.fstat(layers[0].root_fd).st_dev
-        root_attr = self._root_attr()
-        self.root = Node(ROOT_INODE, None, b"", tuple(range(len(layers))), root_attr)
+        self._direct_dev = os.fstat(lowers[-1].root_fd).st_dev
+        present = tuple(index for index, layer in enumerate(self.layers) if layer is not None)
+        top = self.layers[present[0]]
+        root_attr = Attr(os.stat(top.root_fd), _read_override(top, top.root_fd, b".") if top.rootless else None)
+        self.root = Node(ROOT_INODE, None, Child(b"", present, root_attr))
         self.root.lookups = 1
         self.nodes: dict[int, Node] = {ROOT_INODE: self.root}
 
-    def close(self) -> None:
-        for layer in self.layers:
-            layer.close()
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None
 
-    def _root_attr(self) -> Attr:
-        top = self.layers[0]
-        return Attr(os.stat(top.root_fd), _read_override(top, top.root_fd, b".") if top.rootless else None)
+    def close(self) -> None:
+        for layer in self.layers[1:]:
+            layer.close()
+        if self.upper is not None:
+            self.upper.close()
+
+    def stack(self) -> list[Layer]:
+        """The layers present, top first."""
+        return [layer for layer in self.layers if layer is not None]
 
     # ---- inode numbers ------------------------------------------------------
     def ino_for(self, attr: Attr) -> int:
         """st_ino from the host's: stable for the mount's life, shared by hardlinks."""
-        if attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT:
-            return attr.host_ino
         key = (attr.host_dev, attr.host_ino)
         ino = self._ino_of_host.get(key)
-        if ino is None:
-            ino = self._ino_of_host[key] = self._next_ino
-            self._next_ino += 1
+        if ino is not None:
+            return ino
+        if attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT:
+            return attr.host_ino
+        ino = self._ino_of_host[key] = self._next_ino
+        self._next_ino += 1
         return ino
+
+    def _keep_ino(self, old: Attr, new: Attr) -> None:
+        """After a copy-up the host inode changes; the served st_ino must not."""
+        self._ino_of_host[(new.host_dev, new.host_ino)] = self.ino_for(old)
 
     # ---- directory listings ------------------------------------------------
     def listing(self, node: Node) -> dict[bytes, Child]:
@@ -189,6 +232,10 @@ class MergedView:
                 override = _read_override(layer, fds[position], name) if layer.rootless else None
                 attr = Attr(dir_entry.stat(follow_symlinks=False), override)
                 children[name] = Child(name, tuple(node.sources[p] for p in entry.sources), attr)
+            if node.sources[0] == UPPER:
+                node.lower_names = set(merge(listings[1:])) if len(listings) > 1 else set()
+            elif self.upper is not None:
+                node.lower_names = set(children)
             return children
         finally:
             for fd in fds:
@@ -228,11 +275,22 @@ class MergedView:
             return None
         return self.remember(parent, child)
 
-    def remember(self, parent: Node, child: Child) -> Node:
+    def node_of(self, parent: Node, child: Child) -> Node:
+        """The node for a child, registered or not; counts no reference."""
+        if child.in_upper:
+            self.refresh(child, parent)
         ino = self.ino_for(child.attr)
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, parent, child.name, child.sources, child.attr)
+            node = Node(ino, parent, child)
+        return node
+
+    def remember(self, parent: Node, child: Child) -> Node:
+        node = self.node_of(parent, child)
+        if node.lookups == 0 or node.ino not in self.nodes or node.unlinked:
+            # A hardlink's other name may bring back a node whose first name is gone.
+            self.nodes[node.ino] = node
+            node.parent, node.child, node.unlinked = parent, child, False
         node.lookups += 1
         return node
 
@@ -249,6 +307,30 @@ class MergedView:
             return self.nodes[ino]
         except KeyError:
             raise OSError(2, "stale inode") from None
+
+    def refresh(self, child: Child, parent: Node | None) -> Attr:
+        """Upper entries change: their attributes are read afresh, never cached."""
+        if child.in_upper:
+            relpath = (parent.relpath + b"/" + child.name).lstrip(b"/") if parent is not None else b""
+            try:
+                if relpath:
+                    dir_path, name = safepath.split_parent(relpath)
+                    fd = safepath.open_beneath(self.upper.root_fd, dir_path, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    finally:
+                        os.close(fd)
+                else:
+                    st = os.stat(self.upper.root_fd)
+            except FileNotFoundError:
+                return child.attr
+            child.attr = Attr(st)
+        return child.attr
+
+    def attr(self, node: Node) -> Attr:
+        if node.unlinked:
+            return node.attr
+        return self.refresh(node.child, node.parent)
 
     # ---- content -----------------------------------------------------------
     def open_file(self, node: Node, flags: int) -> int:
@@ -268,7 +350,7 @@ class MergedView:
         if name == PROVENANCE_XATTR:
             return self.layers[node.winner].name.encode()
         if node is self.root and name == STACK_XATTR:
-            return json.dumps([{"name": layer.name, "path": layer.path} for layer in self.layers]).encode()
+            return json.dumps([{"name": layer.name, "path": layer.path} for layer in self.stack()]).encode()
         if node is self.root and name == PID_XATTR:
             return str(os.getpid()).encode()
         if name.startswith(HIDDEN_XATTR_PREFIXES):
@@ -276,11 +358,326 @@ class MergedView:
         with self._parent_fd(node) as (fd, entry):
             return os.getxattr(safepath.fd_path(fd, entry), os.fsdecode(name), follow_symlinks=False)
 
-    def _parent_fd(self, node: Node):
-        return _ParentFd(self.layers[node.winner], node.relpath)
+    def _parent_fd(self, node: Node, layer_index: int | None = None):
+        return _ParentFd(self.layers[node.winner if layer_index is None else layer_index], node.relpath)
 
     def statfs_path(self) -> str:
-        return self.layers[0].path
+        return self.stack()[0].path
+
+    # ---- copy-up -------------------------------------------------------------
+    def _writable(self) -> UpperLayer:
+        if self.upper is None:
+            raise OSError(30, "read-only file system")  # EROFS
+        return self.upper
+
+    def upper_dir_fd(self, node: Node) -> int:
+        """An fd of ``node``'s directory in the upper, copying it (and its parents) up first."""
+        self.copy_up_dir(node)
+        return self._writable().open_dir(node.relpath)
+
+    def copy_up_dir(self, node: Node) -> None:
+        if node.child.in_upper:
+            return
+        upper = self._writable()
+        parent = node.parent
+        self.copy_up_dir(parent)
+        with self._parent_fd(node) as (lower_fd, name):
+            xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
+        parent_fd = upper.open_dir(parent.relpath)
+        try:
+            upper.make_dir_like(parent_fd, node.name, node.attr, xattrs)
+        finally:
+            os.close(parent_fd)
+        self._became_upper(node, (UPPER,) + node.sources)
+
+    def copy_up(self, node: Node, *, with_data: bool = True) -> None:
+        """Bring a non-directory into the upper, atomically, keeping its st_ino."""
+        if node.child.in_upper:
+            return
+        upper = self._writable()
+        parent_fd = self.upper_dir_fd(node.parent)
+        try:
+            with self._parent_fd(node) as (lower_fd, name):
+                xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
+                served = node.attr   # owner and mode as served, override xattrs applied
+                if stat.S_ISREG(served.mode):
+                    data_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lower_fd)
+                    try:
+                        upper.copy_file_in(data_fd, served, xattrs, parent_fd, node.name, with_data=with_data)
+                    finally:
+                        os.close(data_fd)
+                else:
+                    target = os.readlink(name, dir_fd=lower_fd) if stat.S_ISLNK(served.mode) else None
+                    upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
+        finally:
+            os.close(parent_fd)
+        self._became_upper(node, (UPPER,))
+
+    def copy_up_tree(self, node: Node) -> None:
+        """Everything below a directory into the upper: the price of renaming a lower directory."""
+        self.copy_up_dir(node)
+        for child in list(self.listing(node).values()):
+            child_node = self.node_of(node, child)
+            child_node.parent = node
+            if child.attr.is_dir:
+                self.copy_up_tree(child_node)
+            else:
+                self.copy_up(child_node)
+        # The directory now holds all it shows: nothing below may add to it.
+        fd = self._writable().open_dir(node.relpath)
+        try:
+            self.upper.make_opaque(fd)
+        finally:
+            os.close(fd)
+        node.child.sources = (UPPER,)
+        node.lower_names = set()
+
+    def _became_upper(self, node: Node, sources: tuple[int, ...]) -> None:
+        old = node.attr
+        node.child.sources = sources
+        self.refresh(node.child, node.parent)
+        self._keep_ino(old, node.attr)
+
+    # ---- namespace changes --------------------------------------------------
+    def _check_name(self, name: bytes) -> None:
+        if name.startswith(WHITEOUT_PREFIX.encode()):
+            raise OSError(22, "names starting with .wh. are reserved for whiteouts")  # EINVAL
+        if len(name) > 255:
+            raise OSError(36, "name too long")  # ENAMETOOLONG
+
+    def _prepare_entry(self, parent: Node, name: bytes) -> int:
+        """The parent's upper dir fd, ready for a new ``name`` (no whiteout left in the way)."""
+        self._check_name(name)
+        if name in self.listing(parent):
+            raise OSError(17, "exists")  # EEXIST
+        fd = self.upper_dir_fd(parent)
+        try:
+            self.upper.remove_whiteout(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _added(self, parent: Node, name: bytes, dir_fd: int) -> Node:
+        child = Child(name, (UPPER,), Attr(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+        self.listing(parent)[name] = child
+        return self.remember(parent, child)
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
+        fd = self._prepare_entry(parent, name)
+        try:
+            file_fd = os.open(name, (flags & ~os.O_NOFOLLOW) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              stat.S_IMODE(mode), dir_fd=fd)
+            os.fchown(file_fd, uid, self._new_gid(parent, gid))
+            os.fchmod(file_fd, stat.S_IMODE(mode))
+            return self._added(parent, name, fd), file_fd
+        finally:
+            os.close(fd)
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        fd = self._prepare_entry(parent, name)
+        try:
+            upper = self.upper
+            temp = upper.temp_name()
+            os.mkdir(temp, 0o700, dir_fd=upper.work_fd)
+            new_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=upper.work_fd)
+            try:
+                if name in parent.lower_names:
+                    upper.make_opaque(new_fd)   # a new directory shows nothing of an old one below
+                os.fchown(new_fd, uid, self._new_gid(parent, gid))
+                setgid = stat.S_ISGID if parent.attr.mode & stat.S_ISGID else 0
+                os.fchmod(new_fd, stat.S_IMODE(mode) | setgid)
+            finally:
+                os.close(new_fd)
+            os.rename(temp, name, src_dir_fd=upper.work_fd, dst_dir_fd=fd)
+            node = self._added(parent, name, fd)
+            node.listing, node.lower_names = {}, set()
+            return node
+        finally:
+            os.close(fd)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        fd = self._prepare_entry(parent, name)
+        try:
+            os.mknod(name, mode, rdev, dir_fd=fd)
+            os.chown(name, uid, self._new_gid(parent, gid), dir_fd=fd, follow_symlinks=False)
+            return self._added(parent, name, fd)
+        finally:
+            os.close(fd)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        fd = self._prepare_entry(parent, name)
+        try:
+            os.symlink(target, name, dir_fd=fd)
+            os.chown(name, uid, self._new_gid(parent, gid), dir_fd=fd, follow_symlinks=False)
+            return self._added(parent, name, fd)
+        finally:
+            os.close(fd)
+
+    def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
+        self.copy_up(node)
+        fd = self._prepare_entry(new_parent, new_name)
+        try:
+            source_fd = self.upper_dir_fd(node.parent)
+            try:
+                os.link(node.name, new_name, src_dir_fd=source_fd, dst_dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(source_fd)
+            return self._added(new_parent, new_name, fd)
+        finally:
+            os.close(fd)
+
+    def _new_gid(self, parent: Node, gid: int) -> int:
+        """Files in a setgid directory take its group, as on any Unix filesystem."""
+        return parent.attr.gid if parent.attr.mode & stat.S_ISGID else gid
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        child = self.listing(parent).get(name)
+        if child is None:
+            raise OSError(2, "no such entry")
+        if child.attr.is_dir:
+            raise OSError(21, "is a directory")  # EISDIR
+        self._remove(parent, child)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        child = self.listing(parent).get(name)
+        if child is None:
+            raise OSError(2, "no such entry")
+        if not child.attr.is_dir:
+            raise OSError(20, "not a directory")  # ENOTDIR
+        node = self.node_of(parent, child)
+        node.parent = parent
+        if self.listing(node):
+            raise OSError(39, "directory not empty")  # ENOTEMPTY
+        self._remove(parent, child)
+
+    def _remove(self, parent: Node, child: Child) -> None:
+        """Drop an entry: its upper copy goes, and a whiteout hides any lower one."""
+        fd = self.upper_dir_fd(parent)
+        try:
+            if child.in_upper:
+                remove_tree_at(fd, child.name)
+            if child.name in parent.lower_names:
+                self.upper.make_whiteout(fd, child.name)
+        finally:
+            os.close(fd)
+        del self.listing(parent)[child.name]
+        self._orphan(parent, child)
+
+    def _orphan(self, parent: Node, child: Child) -> None:
+        ino = self.ino_for(child.attr)
+        node = self.nodes.get(ino)
+        if node is not None and node.child is child:
+            node.unlinked = True
+            node.attr.nlink = max(node.attr.nlink - 1, 0)
+
+    def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        source = self.listing(parent).get(name)
+        if source is None:
+            raise OSError(2, "no such entry")
+        self._check_name(new_name)
+        target = self.listing(new_parent).get(new_name)
+        if flags & _RENAME_EXCHANGE:
+            if target is None:
+                raise OSError(2, "no such entry")
+            self._exchange(parent, source, new_parent, target)
+            return
+        if target is not None:
+            if flags & _RENAME_NOREPLACE:
+                raise OSError(17, "exists")
+            if target is source or self.ino_for(target.attr) == self.ino_for(source.attr):
+                return  # hardlinks of one file: rename(2) does nothing
+            if source.attr.is_dir and not target.attr.is_dir:
+                raise OSError(20, "not a directory")
+            if not source.attr.is_dir and target.attr.is_dir:
+                raise OSError(21, "is a directory")
+            if target.attr.is_dir:
+                target_node = self.node_of(new_parent, target)
+                target_node.parent = new_parent
+                if self.listing(target_node):
+                    raise OSError(39, "directory not empty")
+        node = self.node_of(parent, source)
+        node.parent = parent
+        self._copy_up_whole(node)
+        old_fd = self.upper_dir_fd(parent)
+        try:
+            new_fd = self.upper_dir_fd(new_parent)
+            try:
+                if target is not None and target.in_upper and target.attr.is_dir:
+                    self.upper.clear_markers(_open_child_dir(new_fd, new_name))
+                self.upper.remove_whiteout(new_fd, new_name)
+                os.rename(name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+                if source.attr.is_dir and new_name in new_parent.lower_names:
+                    moved = _open_child_dir(new_fd, new_name)
+                    try:
+                        self.upper.make_opaque(moved)
+                    finally:
+                        os.close(moved)
+                if name in parent.lower_names and not (parent is new_parent and name == new_name):
+                    self.upper.make_whiteout(old_fd, name)
+            finally:
+                os.close(new_fd)
+        finally:
+            os.close(old_fd)
+        del self.listing(parent)[name]
+        if target is not None:
+            self._orphan(new_parent, target)
+        moved_child = Child(new_name, (UPPER,), source.attr)
+        self.listing(new_parent)[new_name] = moved_child
+        if self.nodes.get(node.ino) is node:
+            node.parent, node.child = new_parent, moved_child
+        self.refresh(moved_child, new_parent)
+
+    def _copy_up_whole(self, node: Node) -> None:
+        """What a rename moves must live wholly in the upper (kernel overlayfs says EXDEV instead)."""
+        if not node.attr.is_dir:
+            self.copy_up(node)
+        elif node.child.is_merged_dir or not node.child.in_upper:
+            self.copy_up_tree(node)
+
+    def _exchange(self, parent: Node, first: Child, new_parent: Node, second: Child) -> None:
+        nodes = []
+        for owner, child in ((parent, first), (new_parent, second)):
+            node = self.node_of(owner, child)
+            node.parent = owner
+            self._copy_up_whole(node)
+            nodes.append(node)
+        old_fd = self.upper_dir_fd(parent)
+        try:
+            new_fd = self.upper_dir_fd(new_parent)
+            try:
+                safepath.rename_exchange(old_fd, first.name, new_fd, second.name)
+                for fd, name, owner in ((new_fd, second.name, new_parent), (old_fd, first.name, parent)):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode) and name in owner.lower_names:
+                        moved = _open_child_dir(fd, name)
+                        try:
+                            self.upper.make_opaque(moved)
+                        finally:
+                            os.close(moved)
+            finally:
+                os.close(new_fd)
+        finally:
+            os.close(old_fd)
+        first_moved = Child(second.name, (UPPER,), first.attr)
+        second_moved = Child(first.name, (UPPER,), second.attr)
+        self.listing(new_parent)[second.name] = first_moved
+        self.listing(parent)[first.name] = second_moved
+        for node, owner, child in ((nodes[0], new_parent, first_moved), (nodes[1], parent, second_moved)):
+            if self.nodes.get(node.ino) is node:
+                node.parent, node.child = owner, child
+            self.refresh(child, owner)
+
+    # ---- attribute changes ------------------------------------------------------
+    def upper_path_of(self, node: Node) -> tuple[int, bytes]:
+        """(upper parent dir fd, name) of a node, copying it up first; caller closes the fd."""
+        if node.attr.is_dir:
+            self.copy_up_dir(node)
+        else:
+            self.copy_up(node)
+        if node.parent is None:
+            return os.dup(self.upper.root_fd), b"."
+        return self.upper.open_dir(node.parent.relpath), node.name
 
 
 class _ParentFd:
@@ -300,6 +697,14 @@ class _ParentFd:
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _open_child_dir(dir_fd: int, name: bytes) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 def _read_override(layer: Layer, dir_fd: int, name: bytes) -> bytes | None:
@@ -327,8 +732,7 @@ def _is_overlay_opaque(fd: int) -> bool:
     return False
 
 
-def layers_from_store(stored_layers, *, top_first: bool = True) -> list[Layer]:
+def layers_from_store(stored_layers) -> list[Layer]:
     """Open store layers (given bottom first, as images list them) as a top-first stack."""
-    ordered = list(reversed(stored_layers)) if top_first else list(stored_layers)
     return [Layer.open(Path(layer.path), layer.diff_id, rootless=layer.rootless, overlay_form=False)
-            for layer in ordered]
+            for layer in reversed(stored_layers)]

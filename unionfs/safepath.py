@@ -68,6 +68,17 @@ def _open_by_components(root_fd: int, path: bytes, flags: int, mode: int) -> int
             os.close(parent)
 
 
+_RENAME_EXCHANGE = 2
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def rename_exchange(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes) -> None:
+    """renameat2(RENAME_EXCHANGE): swap two names atomically (os.rename has no flags)."""
+    if _libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old_name)
+
+
 def split_parent(relpath: bytes) -> tuple[bytes, bytes]:
     """(parent, name) of a relative path; the root's parent is itself."""
     parent, _, name = relpath.rpartition(b"/")

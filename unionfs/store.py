@@ -151,6 +151,18 @@ class LayerStore:
             fds.append(fd)
         return fds
 
+    def scratch_upper(self) -> tuple[str, int]:
+        """A throw-away upper for one mount, and the lock fd that marks it live.
+
+        A daemon killed without cleaning up leaves it unlocked in tmp/, where
+        the next ``ensure`` removes it.
+        """
+        self.ensure()
+        key = "mount-" + os.urandom(8).hex()
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir), fd
+
     # ---- lookup -----------------------------------------------------------
     def layer(self, diff_id: str) -> StoredLayer | None:
         layer_dir = self.layers_dir / hex_of(diff_id)

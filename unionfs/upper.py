@@ -1,0 +1,219 @@
+"""The writable upper layer: copy-up through a work dir, whiteouts and opaque markers.
+
+The upper is kept in the form of a real layer, so ``diff`` is a walk of it and
+``commit`` is "tar it up": deletions are whiteouts, a directory recreated over
+a lower one is opaque. Image mounts write the OCI form (``.wh.NAME`` files,
+``.wh..wh..opq``); ``-o upperdir=`` mounts default to overlayfs' form (char
+device 0/0, ``trusted.overlay.opaque=y``) so kernel overlayfs and podman read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+from . import safepath
+from .whiteout import OPAQUE_MARKER, whiteout_name
+
+OCI = "oci"
+OVERLAY = "overlay"
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+COPY_CHUNK = 1 << 30
+
+
+class UpperLayer:
+    """An upper directory and its work directory (same filesystem, so rename is atomic)."""
+
+    def __init__(self, upper_path: str, work_path: str, whiteout_form: str = OCI):
+        self.path = upper_path
+        self.work_path = work_path
+        self.whiteout_form = whiteout_form
+        self.root_fd = os.open(upper_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.work_fd = os.open(work_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.fstat(self.root_fd).st_dev != os.fstat(self.work_fd).st_dev:
+            raise OSError(errno.EXDEV, "upper and work directories must be on one filesystem")
+        self._temp_counter = 0
+        self.clear_work()
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+        os.close(self.work_fd)
+
+    def clear_work(self) -> None:
+        """Remove what an interrupted copy-up left: never a partial file in the upper itself."""
+        for name in os.listdir(self.work_fd):
+            remove_tree_at(self.work_fd, name)
+
+    # ---- paths ----------------------------------------------------------------
+    def open_dir(self, relpath: bytes) -> int:
+        return safepath.open_beneath(self.root_fd, relpath, os.O_RDONLY | os.O_DIRECTORY)
+
+    def temp_name(self) -> bytes:
+        self._temp_counter += 1
+        return b"copyup-%d-%d" % (os.getpid(), self._temp_counter)
+
+    # ---- whiteouts and opacity -----------------------------------------------
+    def make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        if self.whiteout_form == OVERLAY:
+            os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
+        else:
+            fd = os.open(whiteout_name_bytes(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o000,
+                         dir_fd=dir_fd)
+            os.close(fd)
+
+    def remove_whiteout(self, dir_fd: int, name: bytes) -> bool:
+        """Remove a whiteout for ``name`` if this directory holds one; True if it did."""
+        if self.whiteout_form == OVERLAY:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                os.unlink(name, dir_fd=dir_fd)
+                return True
+            return False
+        try:
+            os.unlink(whiteout_name_bytes(name), dir_fd=dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def make_opaque(self, dir_fd: int) -> None:
+        if self.whiteout_form == OVERLAY:
+            os.setxattr(safepath.fd_path(dir_fd, b"."), OVERLAY_OPAQUE_XATTR, b"y")
+        else:
+            fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o000, dir_fd=dir_fd)
+            os.close(fd)
+
+    def clear_markers(self, dir_fd: int) -> None:
+        """Empty a directory that the merged view already shows as empty (only markers remain)."""
+        for name in os.listdir(dir_fd):
+            remove_tree_at(dir_fd, name)
+
+    # ---- copy-up -----------------------------------------------------------------
+    def copy_file_in(self, source_fd: int, served, xattrs: dict[str, bytes],
+                     dest_dir_fd: int, dest_name: bytes, *, with_data: bool = True) -> None:
+        """Copy a regular file into place atomically: work dir, fsync, rename."""
+        temp = self.temp_name()
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd)
+        try:
+            if with_data:
+                copy_data(source_fd, out, served.size)
+            apply_metadata(out, served, xattrs)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=self.work_fd)
+            raise
+        os.close(out)
+        os.rename(temp, dest_name, src_dir_fd=self.work_fd, dst_dir_fd=dest_dir_fd)
+
+    def make_dir_like(self, dest_dir_fd: int, name: bytes, served, xattrs: dict[str, bytes]) -> None:
+        """Create a directory in the upper carrying a lower directory's metadata."""
+        temp = self.temp_name()
+        os.mkdir(temp, 0o700, dir_fd=self.work_fd)
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.work_fd)
+            try:
+                apply_metadata(fd, served, xattrs)
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=self.work_fd, dst_dir_fd=dest_dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(temp, dir_fd=self.work_fd)
+            raise
+
+    def copy_special_in(self, dest_dir_fd: int, name: bytes, served, link_target: str | None,
+                        xattrs: dict[str, bytes]) -> None:
+        """Symlinks, devices, fifos and sockets: created directly (no data to be half-copied)."""
+        mode = served.mode
+        if stat.S_ISLNK(mode):
+            os.symlink(link_target, name, dir_fd=dest_dir_fd)
+        else:
+            os.mknod(name, mode, served.rdev, dir_fd=dest_dir_fd)
+        path = safepath.fd_path(dest_dir_fd, name)
+        os.chown(name, served.uid, served.gid, dir_fd=dest_dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            os.chmod(path, stat.S_IMODE(mode))
+        for key, value in xattrs.items():
+            with contextlib.suppress(OSError):
+                os.setxattr(path, key, value, follow_symlinks=False)
+        os.utime(name, ns=(served.atime_ns, served.mtime_ns), dir_fd=dest_dir_fd, follow_symlinks=False)
+
+
+def whiteout_name_bytes(name: bytes) -> bytes:
+    return os.fsencode(whiteout_name(os.fsdecode(name)))
+
+
+def copy_data(source_fd: int, dest_fd: int, size: int) -> None:
+    """In-kernel copy (reflinks where the filesystem has them); plain copy as the fallback."""
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(source_fd, dest_fd, min(COPY_CHUNK, size - offset), offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while offset < size:
+        chunk = os.pread(source_fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        os.pwrite(dest_fd, chunk, offset)
+        offset += len(chunk)
+
+
+def apply_metadata(fd: int, served, xattrs: dict[str, bytes]) -> None:
+    """Owner, mode (after chown, which clears setuid), xattrs, then times (last: the rest touch ctime only).
+
+    ``served`` is the entry's attributes as the mount shows them (overlay.Attr).
+    """
+    os.fchown(fd, served.uid, served.gid)
+    os.fchmod(fd, stat.S_IMODE(served.mode))
+    for key, value in xattrs.items():
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, key, value)
+    os.utime(fd, ns=(served.atime_ns, served.mtime_ns))
+
+
+def read_xattrs(dir_fd: int, name: bytes, skip_prefixes: tuple[bytes, ...]) -> dict[str, bytes]:
+    path = safepath.fd_path(dir_fd, name)
+    found = {}
+    with contextlib.suppress(OSError):
+        for key in os.listxattr(path, follow_symlinks=False):
+            if os.fsencode(key).startswith(skip_prefixes):
+                continue
+            with contextlib.suppress(OSError):
+                found[key] = os.getxattr(path, key, follow_symlinks=False)
+    return found
+
+
+def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
+    """rm -rf of one entry below a directory fd, never following symlinks."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        # unlink(2) of a directory says EISDIR on Linux, but EPERM elsewhere; check.
+        if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise
+    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(child):
+            remove_tree_at(child, entry)
+    finally:
+        os.close(child)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
