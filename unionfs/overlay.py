@@ -114,7 +114,7 @@ class Child:
 class Node:
     """An inode the kernel knows: where it sits in the tree; its Child says what it is."""
 
-    __slots__ = ("ino", "parent", "child", "lookups", "listing", "lower_names", "unlinked")
+    __slots__ = ("ino", "parent", "child", "others", "lookups", "listing", "lower_names", "unlinked")
 
     def __init__(self, ino: int, parent: "Node | None", child: Child):
         self.ino = ino
@@ -125,6 +125,30 @@ class Node:
         # Names the lower layers show here; removing one of them needs a whiteout.
         self.lower_names: set[bytes] = set()
         self.unlinked = False
+        # A hardlinked file is one node under several names; the others wait here
+        # so the node still has a path when its first name goes.
+        self.others: list[tuple[Node, Child]] = []
+
+    def attach(self, parent: "Node", child: Child) -> None:
+        """Record that the kernel reached this node as ``child`` in ``parent``."""
+        if self.child is child or self.unlinked:
+            self.parent, self.child, self.unlinked = parent, child, False
+            return
+        for index, (_, other) in enumerate(self.others):
+            if other is child:
+                self.others[index] = (parent, child)
+                return
+        self.others.append((parent, child))
+
+    def detach(self, child: Child) -> None:
+        """One of the node's names is gone."""
+        if self.child is child:
+            if self.others:
+                self.parent, self.child = self.others.pop()
+            else:
+                self.unlinked = True
+        else:
+            self.others = [(parent, other) for parent, other in self.others if other is not child]
 
     @property
     def name(self) -> bytes:
@@ -282,15 +306,15 @@ class MergedView:
         ino = self.ino_for(child.attr)
         node = self.nodes.get(ino)
         if node is None:
-            node = Node(ino, parent, child)
+            return Node(ino, parent, child)
+        node.attach(parent, child)
         return node
 
     def remember(self, parent: Node, child: Child) -> Node:
         node = self.node_of(parent, child)
-        if node.lookups == 0 or node.ino not in self.nodes or node.unlinked:
-            # A hardlink's other name may bring back a node whose first name is gone.
+        if node.ino not in self.nodes:
             self.nodes[node.ino] = node
-            node.parent, node.child, node.unlinked = parent, child, False
+        node.attach(parent, child)
         node.lookups += 1
         return node
 
@@ -411,14 +435,55 @@ class MergedView:
                     upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
         finally:
             os.close(parent_fd)
+        lower, lower_index = node.attr, node.winner
         self._became_upper(node, (UPPER,))
+        if lower.nlink > 1:
+            self._copy_up_other_names(node, lower, lower_index)
+
+    def _copy_up_other_names(self, node: Node, lower: Attr, layer_index: int) -> None:
+        """Hardlinks stay hardlinks: every merged name of the same lower file is linked to the copy.
+
+        Kernel overlayfs needs index=on for this; here the layer is searched for
+        the file's other names once, at its copy-up, so the upper itself records
+        the links and a remount or a commit keeps them.
+        """
+        for relpath in _paths_of_inode(self.layers[layer_index], lower.host_ino):
+            if relpath == node.relpath:
+                continue
+            parent, child = self._resolve(relpath)
+            if child is None or child.in_upper or child.sources[0] != layer_index:
+                continue
+            if (child.attr.host_dev, child.attr.host_ino) != (lower.host_dev, lower.host_ino):
+                continue
+            source_fd, source_name = self.upper_path_of(node)
+            try:
+                dest_fd = self.upper_dir_fd(parent)
+                try:
+                    os.link(source_name, child.name, src_dir_fd=source_fd, dst_dir_fd=dest_fd,
+                            follow_symlinks=False)
+                finally:
+                    os.close(dest_fd)
+            finally:
+                os.close(source_fd)
+            child.sources = (UPPER,)
+            self.refresh(child, parent)
+
+    def _resolve(self, relpath: bytes) -> tuple[Node | None, Child | None]:
+        """(parent node, child) of a path in the merged view; the child is None if not visible."""
+        node = self.root
+        *dirs, last = relpath.split(b"/")
+        for part in dirs:
+            child = self.listing(node).get(part)
+            if child is None or not child.attr.is_dir:
+                return None, None
+            node = self.node_of(node, child)
+        return node, self.listing(node).get(last)
 
     def copy_up_tree(self, node: Node) -> None:
         """Everything below a directory into the upper: the price of renaming a lower directory."""
         self.copy_up_dir(node)
         for child in list(self.listing(node).values()):
             child_node = self.node_of(node, child)
-            child_node.parent = node
             if child.attr.is_dir:
                 self.copy_up_tree(child_node)
             else:
@@ -546,7 +611,6 @@ class MergedView:
         if not child.attr.is_dir:
             raise OSError(20, "not a directory")  # ENOTDIR
         node = self.node_of(parent, child)
-        node.parent = parent
         if self.listing(node):
             raise OSError(39, "directory not empty")  # ENOTEMPTY
         self._remove(parent, child)
@@ -565,11 +629,9 @@ class MergedView:
         self._orphan(parent, child)
 
     def _orphan(self, parent: Node, child: Child) -> None:
-        ino = self.ino_for(child.attr)
-        node = self.nodes.get(ino)
-        if node is not None and node.child is child:
-            node.unlinked = True
-            node.attr.nlink = max(node.attr.nlink - 1, 0)
+        node = self.nodes.get(self.ino_for(child.attr))
+        if node is not None:
+            node.detach(child)
 
     def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
         source = self.listing(parent).get(name)
@@ -593,11 +655,9 @@ class MergedView:
                 raise OSError(21, "is a directory")
             if target.attr.is_dir:
                 target_node = self.node_of(new_parent, target)
-                target_node.parent = new_parent
                 if self.listing(target_node):
                     raise OSError(39, "directory not empty")
         node = self.node_of(parent, source)
-        node.parent = parent
         self._copy_up_whole(node)
         old_fd = self.upper_dir_fd(parent)
         try:
@@ -622,11 +682,16 @@ class MergedView:
         del self.listing(parent)[name]
         if target is not None:
             self._orphan(new_parent, target)
-        moved_child = Child(new_name, (UPPER,), source.attr)
-        self.listing(new_parent)[new_name] = moved_child
-        if self.nodes.get(node.ino) is node:
-            node.parent, node.child = new_parent, moved_child
-        self.refresh(moved_child, new_parent)
+        self._moved(source, new_parent, new_name)
+
+    def _moved(self, child: Child, new_parent: Node, new_name: bytes) -> None:
+        """A child now lives at ``new_name`` in ``new_parent``, in the upper; its node follows."""
+        child.name, child.sources = new_name, (UPPER,)
+        self.listing(new_parent)[new_name] = child
+        node = self.nodes.get(self.ino_for(child.attr))
+        if node is not None:
+            node.attach(new_parent, child)
+        self.refresh(child, new_parent)
 
     def _copy_up_whole(self, node: Node) -> None:
         """What a rename moves must live wholly in the upper (kernel overlayfs says EXDEV instead)."""
@@ -639,7 +704,6 @@ class MergedView:
         nodes = []
         for owner, child in ((parent, first), (new_parent, second)):
             node = self.node_of(owner, child)
-            node.parent = owner
             self._copy_up_whole(node)
             nodes.append(node)
         old_fd = self.upper_dir_fd(parent)
@@ -659,14 +723,9 @@ class MergedView:
                 os.close(new_fd)
         finally:
             os.close(old_fd)
-        first_moved = Child(second.name, (UPPER,), first.attr)
-        second_moved = Child(first.name, (UPPER,), second.attr)
-        self.listing(new_parent)[second.name] = first_moved
-        self.listing(parent)[first.name] = second_moved
-        for node, owner, child in ((nodes[0], new_parent, first_moved), (nodes[1], parent, second_moved)):
-            if self.nodes.get(node.ino) is node:
-                node.parent, node.child = owner, child
-            self.refresh(child, owner)
+        first_name, second_name = first.name, second.name
+        self._moved(first, new_parent, second_name)
+        self._moved(second, parent, first_name)
 
     # ---- attribute changes ------------------------------------------------------
     def upper_path_of(self, node: Node) -> tuple[int, bytes]:
@@ -705,6 +764,19 @@ _RENAME_EXCHANGE = 2
 
 def _open_child_dir(dir_fd: int, name: bytes) -> int:
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _paths_of_inode(layer: Layer, host_ino: int) -> list[bytes]:
+    """Every path in a layer naming one inode (a walk of the layer, never following symlinks)."""
+    found = []
+    for dir_path, _, file_names, dir_fd in os.fwalk(".", dir_fd=layer.root_fd):
+        for name in file_names:
+            try:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == host_ino:
+                    found.append(os.fsencode(os.path.normpath(os.path.join(dir_path, name))))
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def _read_override(layer: Layer, dir_fd: int, name: bytes) -> bytes | None:

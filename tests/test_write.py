@@ -1,0 +1,258 @@
+"""The writable upper, differentially: the same operations on layermount and on kernel overlayfs.
+
+Both mount the same OCI-form lower layers (the oracle converts its copy to the
+kernel's whiteout form); each operation's result or errno must agree, and so
+must the final trees. Where kernel overlayfs answers EXDEV (renaming a lower
+directory, which it cannot do without redirect_dir) the oracle side does what
+mv(1) does then, copy and delete, and layermount must end up the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from oracle import diff_snapshots, kernel_overlay, snapshot
+from test_mount import make_tree
+
+LOWER_TOP = {
+    "d/.wh.gone": b"", "d/g": b"g-top", "o/.wh..wh..opq": b"", "o/new": b"new",
+    "e": b"e is a file now", "link": ("link", "d/f"),
+}
+LOWER_BOTTOM = {
+    "f": b"bottom f", "d/f": b"d/f bottom", "d/g": b"g-bottom", "d/gone": b"gone", "d/sub/h": b"h",
+    "o/old": b"hidden by opaque", "e/inner": b"hidden", "big": b"x" * 300_000, "hl1": b"hard",
+    "hl2": ("hard", "hl1"),
+}
+
+
+@pytest.fixture(scope="module")
+def lowers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lowers")
+    return [make_tree(base / "top", LOWER_TOP), make_tree(base / "bottom", LOWER_BOTTOM)]
+
+
+def outcome(action):
+    try:
+        value = action()
+        return ("ok", value)
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno, exc.errno))
+
+
+def apply(root: Path, op: tuple, kernel: bool):
+    """Run one operation below ``root``; return a comparable outcome."""
+    kind, *args = op
+    path = lambda rel: root / rel  # noqa: E731
+    if kind == "write":
+        rel, data, mode = args
+        def write():
+            with open(path(rel), mode) as handle:
+                handle.write(data)
+        return outcome(write)
+    if kind == "read":
+        return outcome(lambda: path(args[0]).read_bytes())
+    if kind == "mkdir":
+        return outcome(lambda: os.mkdir(path(args[0])))
+    if kind == "rmdir":
+        return outcome(lambda: os.rmdir(path(args[0])))
+    if kind == "unlink":
+        return outcome(lambda: os.unlink(path(args[0])))
+    if kind == "symlink":
+        return outcome(lambda: os.symlink(args[0], path(args[1])))
+    if kind == "link":
+        return outcome(lambda: os.link(path(args[0]), path(args[1])))
+    if kind == "chmod":
+        return outcome(lambda: os.chmod(path(args[0]), args[1]))
+    if kind == "truncate":
+        return outcome(lambda: os.truncate(path(args[0]), args[1]))
+    if kind == "listdir":
+        return outcome(lambda: sorted(os.listdir(path(args[0]))))
+    if kind == "stat":
+        def describe():
+            info = os.lstat(path(args[0]))
+            return (oct(info.st_mode), info.st_size if not os.path.isdir(path(args[0])) else None,
+                    info.st_nlink if not os.path.isdir(path(args[0])) else None)
+        return outcome(describe)
+    if kind == "rename":
+        src, dst = args
+        result = outcome(lambda: os.rename(path(src), path(dst)))
+        if kernel and result == ("err", "EXDEV"):
+            return _mv_fallback(path(src), path(dst))
+        return result
+    raise ValueError(kind)
+
+
+def _mv_fallback(src: Path, dst: Path):
+    """What mv(1) does when rename(2) says EXDEV: copy the tree, then delete the source."""
+    if dst.is_dir() and not dst.is_symlink():
+        if any(dst.iterdir()):
+            return ("err", "ENOTEMPTY")
+        dst.rmdir()
+    subprocess.run(["cp", "-a", "--no-target-directory", str(src), str(dst)], check=True)
+    shutil.rmtree(src)
+    return ("ok", None)
+
+
+class Pair:
+    """layermount and kernel overlayfs over the same lowers, each with its own upper."""
+
+    def __init__(self, mounts, tmp: Path, lowers, *, extra=()):
+        self.tmp = tmp
+        self.lowers = lowers
+        for name in ("ours-upper", "ours-work", "kernel-upper"):
+            (tmp / name).mkdir()
+        self.ours = mounts.mount("-o", "lowerdir=" + ":".join(map(str, lowers)) +
+                                 f",upperdir={tmp / 'ours-upper'},workdir={tmp / 'ours-work'}", *extra,
+                                 mountpoint=mounts.mountpoint(tmp.name + "-ours"), store=False)
+
+    def run(self, ops, kernel_root: Path):
+        results = []
+        for op in ops:
+            mine = apply(self.ours, op, kernel=False)
+            theirs = apply(kernel_root, op, kernel=True)
+            results.append((op, mine, theirs))
+        return results
+
+
+def compare(pair: Pair, ops, kernel_root: Path):
+    for op, mine, theirs in pair.run(ops, kernel_root):
+        assert mine == theirs, f"{op}: layermount {mine} but kernel overlayfs {theirs}"
+    ours, kernels = snapshot(pair.ours, mtimes=False), snapshot(kernel_root, mtimes=False)
+    differences = diff_snapshots(ours, kernels, ("layermount", "kernel"))
+    assert not differences, "\n".join(differences)
+    return ours
+
+
+SCENARIOS = {
+    "append to a lower file": [("write", "f", b"+more", "ab"), ("read", "f"), ("stat", "f")],
+    "truncate-open a lower file": [("write", "d/f", b"new", "wb"), ("read", "d/f")],
+    "truncate grow and shrink": [("truncate", "big", 10), ("read", "big"), ("truncate", "f", 5000), ("stat", "f")],
+    "unlink lower then recreate": [("unlink", "d/g"), ("listdir", "d"), ("read", "d/g"),
+                                   ("write", "d/g", b"again", "wb"), ("listdir", "d")],
+    "rmdir non-empty lower dir": [("rmdir", "d/sub"), ("unlink", "d/sub/h"), ("rmdir", "d/sub"), ("listdir", "d")],
+    "rmdir then mkdir is opaque": [("unlink", "d/sub/h"), ("rmdir", "d/sub"), ("mkdir", "d/sub"),
+                                   ("listdir", "d/sub")],
+    "delete upper-only file": [("write", "fresh", b"1", "wb"), ("unlink", "fresh"), ("listdir", "")],
+    "rename lower file over lower file": [("rename", "f", "d/f"), ("read", "d/f"), ("listdir", "")],
+    "rename lower directory": [("rename", "d", "moved"), ("listdir", "moved"), ("read", "moved/sub/h"),
+                               ("listdir", "")],
+    "rename directory over empty dir": [("mkdir", "empty"), ("rename", "o", "empty"), ("listdir", "empty")],
+    "rename file onto directory": [("rename", "f", "d"), ("rename", "d", "f")],
+    "hardlink a lower file": [("link", "f", "f2"), ("write", "f2", b"both", "ab"), ("read", "f"),
+                              ("stat", "f")],
+    "lower hardlinks stay linked": [("write", "hl1", b"!", "ab"), ("read", "hl2")],
+    "symlink and chmod": [("symlink", "f", "sl"), ("chmod", "f", 0o600), ("stat", "f"), ("stat", "sl")],
+    "errors": [("mkdir", "f"), ("unlink", "d"), ("rmdir", "f"), ("read", "nope"), ("mkdir", "nope/x"),
+               ("rename", "nope", "x"), ("link", "d", "d2")],
+    "opaque and whiteouts stay hidden": [("listdir", "o"), ("listdir", "d"), ("read", "e")],
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_matches_kernel_overlayfs(mounts, tmp_path, lowers, name):
+    pair = Pair(mounts, tmp_path, lowers)
+    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper") as kernel_root:
+        compare(pair, SCENARIOS[name], kernel_root)
+
+
+def test_upper_remerged_offline_and_after_remount_shows_the_same(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    ops = [op for steps in SCENARIOS.values() for op in steps]
+    for op in ops:
+        apply(pair.ours, op, kernel=False)
+    seen = snapshot(pair.ours, mtimes=False)
+    mounts.umount(pair.ours)
+    # The upper is a layer in overlayfs form: the kernel can stack it on the lowers as they are.
+    with kernel_overlay([tmp_path / "ours-upper", *lowers], tmp_path / "offline") as offline:
+        differences = diff_snapshots(seen, snapshot(offline, mtimes=False), ("mount", "offline merge"))
+        assert not differences, "\n".join(differences)
+    again = mounts.mount("-o", "lowerdir=" + ":".join(map(str, lowers)) +
+                         f",upperdir={tmp_path / 'ours-upper'},workdir={tmp_path / 'ours-work'}",
+                         mountpoint=mounts.mountpoint("again"), store=False)
+    differences = diff_snapshots(seen, snapshot(again, mtimes=False), ("first mount", "remount"))
+    assert not differences, "\n".join(differences)
+
+
+def test_st_ino_survives_copy_up_and_rename(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    root = pair.ours
+    before = os.stat(root / "d/f").st_ino
+    with open(root / "d/f", "ab") as handle:
+        handle.write(b"!")
+    assert os.stat(root / "d/f").st_ino == before
+    os.rename(root / "d/f", root / "renamed")
+    assert os.stat(root / "renamed").st_ino == before
+    with open("/proc/sys/vm/drop_caches", "w") as drop:
+        drop.write("2\n")
+    assert os.stat(root / "renamed").st_ino == before
+
+
+def test_reader_opened_before_copy_up_sees_later_writes(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    root = pair.ours
+    reader = os.open(root / "f", os.O_RDONLY)
+    try:
+        with open(root / "f", "r+b") as writer:
+            writer.write(b"CHANGED!")
+        assert os.pread(reader, 8, 0) == b"CHANGED!"
+    finally:
+        os.close(reader)
+
+
+def test_upper_whiteouts_in_oci_form_when_asked(mounts, tmp_path, lowers):
+    Pair(mounts, tmp_path, lowers, extra=("--whiteout-format", "oci"))
+    root = mounts.points[-1]
+    os.unlink(root / "f")
+    os.unlink(root / "d/sub/h")
+    os.rmdir(root / "d/sub")
+    os.mkdir(root / "d/sub")
+    upper = tmp_path / "ours-upper"
+    assert (upper / ".wh.f").is_file()
+    assert (upper / "d/sub/.wh..wh..opq").is_file()
+    assert os.listdir(root / "d/sub") == []
+
+
+def test_names_reserved_for_whiteouts_are_refused(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    with pytest.raises(OSError) as caught:
+        open(pair.ours / ".wh.sneaky", "w")
+    assert caught.value.errno == errno.EINVAL
+
+
+PATHS = ["f", "d", "d/f", "d/g", "d/sub", "d/sub/h", "e", "o", "o/new", "o/old", "big", "hl1", "hl2", "new",
+         "d/new", "newdir", "newdir/x"]
+path_strategy = st.sampled_from(PATHS)
+op_strategy = st.one_of(
+    st.tuples(st.just("write"), path_strategy, st.sampled_from([b"", b"data", b"x" * 5000]), st.sampled_from(["wb", "ab"])),
+    st.tuples(st.just("read"), path_strategy),
+    st.tuples(st.just("mkdir"), path_strategy),
+    st.tuples(st.just("rmdir"), path_strategy),
+    st.tuples(st.just("unlink"), path_strategy),
+    st.tuples(st.just("rename"), path_strategy, path_strategy),
+    st.tuples(st.just("link"), path_strategy, path_strategy),
+    st.tuples(st.just("symlink"), st.just("target"), path_strategy),
+    st.tuples(st.just("chmod"), path_strategy, st.sampled_from([0o600, 0o755])),
+    st.tuples(st.just("truncate"), path_strategy, st.sampled_from([0, 3, 70000])),
+    st.tuples(st.just("listdir"), st.sampled_from(["", "d", "o", "newdir", "d/sub"])),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op_strategy, min_size=1, max_size=12))
+def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lowers, ops):
+    tmp = tmp_path_factory.mktemp("gen")
+    pair = Pair(mounts, tmp, lowers)
+    try:
+        with kernel_overlay(lowers, tmp / "kernel", upper=tmp / "kernel-upper") as kernel_root:
+            compare(pair, ops, kernel_root)
+    finally:
+        mounts.umount(pair.ours)
+        mounts.points.remove(pair.ours)
+        shutil.rmtree(tmp, ignore_errors=True)
