@@ -10,6 +10,7 @@ mv(1) does then, copy and delete, and layermount must end up the same.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -256,3 +257,24 @@ def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lo
         mounts.umount(pair.ours)
         mounts.points.remove(pair.ours)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_diff_lists_changes_like_docker_diff(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    root = pair.ours
+    with open(root / "d/f", "ab") as handle:
+        handle.write(b"!")
+    os.unlink(root / "f")
+    os.mkdir(root / "newdir")
+    (root / "newdir/x").write_bytes(b"x")
+    os.unlink(root / "o/new")
+    os.rmdir(root / "o")
+    os.mkdir(root / "o")
+    (root / "o/z").write_bytes(b"z")
+    expected = ["C /d", "C /d/f", "D /f", "A /newdir", "A /newdir/x", "C /o", "D /o/new", "A /o/z"]
+    from conftest import run_layermount
+    by_mount = run_layermount("diff", root)
+    assert by_mount.returncode == 0, by_mount.stderr
+    assert by_mount.stdout.splitlines() == expected
+    by_upper = run_layermount("diff", tmp_path / "ours-upper", "--lowerdir", ":".join(map(str, lowers)), "--json")
+    assert [f"{c['kind']} {c['path']}" for c in json.loads(by_upper.stdout)] == expected

@@ -267,3 +267,43 @@ def image_summary(image: Image) -> dict:
         "config": {key: config.get(key) for key in
                    ("Env", "Cmd", "Entrypoint", "WorkingDir", "ExposedPorts", "Volumes", "User", "Labels")},
     }
+
+
+# ---- what an upper changed --------------------------------------------------------
+
+@dataclass
+class UpperInfo:
+    """An upper directory and the lower layers (top first) it sits on."""
+
+    upper: str
+    lowers: list[str]
+    record: dict
+
+
+def locate_upper(target: str, lowerdir: str | None = None) -> UpperInfo:
+    """Find the upper and its lowers from a mountpoint, a kept --upper dir, or a raw upperdir + lowerdir."""
+    real = os.path.realpath(target)
+    if any(point == real and kind == FSTYPE for point, kind in mount_entries()):
+        stack = mount_stack(real)
+        uppers = [entry["path"] for entry in stack if entry["name"] == "upper"]
+        if not uppers:
+            raise UsageError(f"{target}: a read-only mount has no upper layer")
+        return UpperInfo(uppers[0], [entry["path"] for entry in stack if entry["name"] != "upper"], {})
+    root = Path(real)
+    if root.name == "diff" and (root.parent / "layermount.json").exists():
+        root = root.parent
+    record_path = root / "layermount.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        store = store_for(record["store"])
+        lowers = []
+        for diff_id in reversed(record["layers"]):
+            layer = store.layer(diff_id)
+            if layer is None:
+                raise UsageError(f"{target}: its layer {diff_id[:19]} is no longer in store {store.root}")
+            lowers.append(str(layer.path))
+        return UpperInfo(str(root / "diff"), lowers, record)
+    if not root.is_dir():
+        raise UsageError(f"{target}: not a mountpoint, an upper directory or a directory at all")
+    lowers = [path for path in (lowerdir or "").split(":") if path]
+    return UpperInfo(str(root), lowers, {})

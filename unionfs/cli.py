@@ -12,7 +12,7 @@ from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
@@ -20,6 +20,7 @@ layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top firs
 layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
+layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
 layermount store ls | gc | rm IMAGE            the shared layer store"""
 
@@ -74,6 +75,11 @@ def _subcommand_parser() -> argparse.ArgumentParser:
 
     which = commands.add_parser("which", help="show which layers have a path and which one wins")
     which.add_argument("path")
+
+    diff = commands.add_parser("diff", help="what an upper layer changed, as docker diff prints it")
+    diff.add_argument("target", metavar="UPPER|MOUNTPOINT")
+    diff.add_argument("--json", action="store_true")
+    diff.add_argument("--lowerdir", metavar="L3:L2:L1", help="the lowers of a plain upperdir (top first)")
 
     store = commands.add_parser("store", help="the layer store")
     store.add_argument("--store", metavar="DIR")
@@ -157,6 +163,17 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return _which(args.path)
     if args.command == "store":
         return _store(args)
+    if args.command == "diff":
+        from .diff import changes
+
+        located = api.locate_upper(args.target, args.lowerdir)
+        found = changes(located.upper, located.lowers)
+        if args.json:
+            print(json.dumps([{"kind": change.kind, "path": change.path} for change in found], indent=1))
+        else:
+            for change in found:
+                print(change)
+        return 0
     raise UsageError(f"unknown command {args.command}")
 
 

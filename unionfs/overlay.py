@@ -450,7 +450,7 @@ class MergedView:
         for relpath in _paths_of_inode(self.layers[layer_index], lower.host_ino):
             if relpath == node.relpath:
                 continue
-            parent, child = self._resolve(relpath)
+            parent, child = self.resolve(relpath)
             if child is None or child.in_upper or child.sources[0] != layer_index:
                 continue
             if (child.attr.host_dev, child.attr.host_ino) != (lower.host_dev, lower.host_ino):
@@ -468,7 +468,7 @@ class MergedView:
             child.sources = (UPPER,)
             self.refresh(child, parent)
 
-    def _resolve(self, relpath: bytes) -> tuple[Node | None, Child | None]:
+    def resolve(self, relpath: bytes) -> tuple[Node | None, Child | None]:
         """(parent node, child) of a path in the merged view; the child is None if not visible."""
         node = self.root
         *dirs, last = relpath.split(b"/")
