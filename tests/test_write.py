@@ -2,9 +2,9 @@
 
 Both mount the same OCI-form lower layers (the oracle converts its copy to the
 kernel's whiteout form); each operation's result or errno must agree, and so
-must the final trees. Where kernel overlayfs answers EXDEV (renaming a lower
-directory, which it cannot do without redirect_dir) the oracle side does what
-mv(1) does then, copy and delete, and layermount must end up the same.
+must the final trees. The kernel runs with index=on and redirect_dir=on, the
+features that make it keep hardlinks across copy-up and rename lower
+directories, which layermount does without options.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from oracle import diff_snapshots, kernel_overlay, snapshot
 from test_mount import make_tree
 
+KERNEL_FEATURES = "index=on,redirect_dir=on"
 LOWER_TOP = {
     "d/.wh.gone": b"", "d/g": b"g-top", "o/.wh..wh..opq": b"", "o/new": b"new",
     "e": b"e is a file now", "link": ("link", "d/f"),
@@ -47,7 +47,7 @@ def outcome(action):
         return ("err", errno.errorcode.get(exc.errno, exc.errno))
 
 
-def apply(root: Path, op: tuple, kernel: bool):
+def apply(root: Path, op: tuple):
     """Run one operation below ``root``; return a comparable outcome."""
     kind, *args = op
     path = lambda rel: root / rel  # noqa: E731
@@ -83,22 +83,8 @@ def apply(root: Path, op: tuple, kernel: bool):
         return outcome(describe)
     if kind == "rename":
         src, dst = args
-        result = outcome(lambda: os.rename(path(src), path(dst)))
-        if kernel and result == ("err", "EXDEV"):
-            return _mv_fallback(path(src), path(dst))
-        return result
+        return outcome(lambda: os.rename(path(src), path(dst)))
     raise ValueError(kind)
-
-
-def _mv_fallback(src: Path, dst: Path):
-    """What mv(1) does when rename(2) says EXDEV: copy the tree, then delete the source."""
-    if dst.is_dir() and not dst.is_symlink():
-        if any(dst.iterdir()):
-            return ("err", "ENOTEMPTY")
-        dst.rmdir()
-    subprocess.run(["cp", "-a", "--no-target-directory", str(src), str(dst)], check=True)
-    shutil.rmtree(src)
-    return ("ok", None)
 
 
 class Pair:
@@ -116,8 +102,8 @@ class Pair:
     def run(self, ops, kernel_root: Path):
         results = []
         for op in ops:
-            mine = apply(self.ours, op, kernel=False)
-            theirs = apply(kernel_root, op, kernel=True)
+            mine = apply(self.ours, op)
+            theirs = apply(kernel_root, op)
             results.append((op, mine, theirs))
         return results
 
@@ -159,7 +145,7 @@ SCENARIOS = {
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_matches_kernel_overlayfs(mounts, tmp_path, lowers, name):
     pair = Pair(mounts, tmp_path, lowers)
-    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper") as kernel_root:
+    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper", options=KERNEL_FEATURES) as kernel_root:
         compare(pair, SCENARIOS[name], kernel_root)
 
 
@@ -167,7 +153,7 @@ def test_upper_remerged_offline_and_after_remount_shows_the_same(mounts, tmp_pat
     pair = Pair(mounts, tmp_path, lowers)
     ops = [op for steps in SCENARIOS.values() for op in steps]
     for op in ops:
-        apply(pair.ours, op, kernel=False)
+        apply(pair.ours, op)
     seen = snapshot(pair.ours, mtimes=False)
     mounts.umount(pair.ours)
     # The upper is a layer in overlayfs form: the kernel can stack it on the lowers as they are.
@@ -251,7 +237,7 @@ def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lo
     tmp = tmp_path_factory.mktemp("gen")
     pair = Pair(mounts, tmp, lowers)
     try:
-        with kernel_overlay(lowers, tmp / "kernel", upper=tmp / "kernel-upper") as kernel_root:
+        with kernel_overlay(lowers, tmp / "kernel", upper=tmp / "kernel-upper", options=KERNEL_FEATURES) as kernel_root:
             compare(pair, ops, kernel_root)
     finally:
         mounts.umount(pair.ours)
