@@ -231,7 +231,7 @@ op_strategy = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("LAYERMOUNT_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op_strategy, min_size=1, max_size=12))
 def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lowers, ops):
     tmp = tmp_path_factory.mktemp("gen")

@@ -29,6 +29,8 @@ UPPER_ATTR_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # Reads this large go to a worker thread so one slow disk read never stalls every request.
 THREADED_READ_SIZE = 64 * 1024
+# Copy-ups of files this large copy their data in a worker thread.
+THREADED_COPY_SIZE = 1 << 20
 
 
 def _fuse_boundary(handler):
@@ -43,6 +45,16 @@ def _fuse_boundary(handler):
         except Exception:
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _mutating(handler):
+    """Changes to the merged view happen one at a time, so a copy-up may wait on a
+    worker thread without another change slipping in; reads go on meanwhile."""
+    @functools.wraps(handler)
+    async def wrapper(self, *args, **kwargs):
+        async with self._mutation:
+            return await handler(self, *args, **kwargs)
     return wrapper
 
 
@@ -70,6 +82,7 @@ class LayerOperations(pyfuse3.Operations):
         # so a reader that opened before a copy-up sees the writes made after it.
         self._lower_fds: dict[int, set[int]] = {}
         self._fd_inode: dict[int, int] = {}
+        self._mutation = trio.Lock()
 
     # ---- attributes ------------------------------------------------------
     def _entry(self, ino: int, attr: Attr, merged_dir: bool) -> pyfuse3.EntryAttributes:
@@ -176,16 +189,30 @@ class LayerOperations(pyfuse3.Operations):
         if flags & WRITE_FLAGS:
             if not self.view.writable:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            if not node.child.in_upper:
-                self.view.copy_up(node, with_data=not flags & os.O_TRUNC)
-                self._repoint_readers(node)
-            fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
+            async with self._mutation:
+                await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+                fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
         else:
             fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
             if not node.child.in_upper:
                 self._lower_fds.setdefault(node.ino, set()).add(fd)
         self._fd_inode[fd] = node.ino
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def _copy_up(self, node: Node, *, with_data: bool = True) -> None:
+        """Copy-up with the data copied in a worker thread when it is large."""
+        staged = self.view.stage_copy_up(node, with_data=with_data)
+        if staged is not None:
+            try:
+                if staged.size >= THREADED_COPY_SIZE:
+                    await trio.to_thread.run_sync(staged.run)
+                else:
+                    staged.run()
+            except BaseException:
+                staged.discard()
+                raise
+            self.view.finish_copy_up(node, staged)
+        self._repoint_readers(node)
 
     def _repoint_readers(self, node: Node) -> None:
         for fd in self._lower_fds.pop(node.ino, ()):
@@ -223,6 +250,7 @@ class LayerOperations(pyfuse3.Operations):
             os.fsync(self.view.upper.root_fd)
 
     @_fuse_boundary
+    @_mutating
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._require_writable()
         node, fd = self.view.create(self.view.node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
@@ -235,21 +263,25 @@ class LayerOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
 
     @_fuse_boundary
+    @_mutating
     async def mkdir(self, parent_inode, name, mode, ctx):
         self._require_writable()
         return self._node_entry(self.view.mkdir(self.view.node(parent_inode), name, mode, ctx.uid, ctx.gid))
 
     @_fuse_boundary
+    @_mutating
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         self._require_writable()
         return self._node_entry(self.view.mknod(self.view.node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid))
 
     @_fuse_boundary
+    @_mutating
     async def symlink(self, parent_inode, name, target, ctx):
         self._require_writable()
         return self._node_entry(self.view.symlink(self.view.node(parent_inode), name, target, ctx.uid, ctx.gid))
 
     @_fuse_boundary
+    @_mutating
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._require_writable()
         node = self.view.node(inode)
@@ -260,16 +292,19 @@ class LayerOperations(pyfuse3.Operations):
         return self._node_entry(linked)
 
     @_fuse_boundary
+    @_mutating
     async def unlink(self, parent_inode, name, ctx):
         self._require_writable()
         self.view.unlink(self.view.node(parent_inode), name)
 
     @_fuse_boundary
+    @_mutating
     async def rmdir(self, parent_inode, name, ctx):
         self._require_writable()
         self.view.rmdir(self.view.node(parent_inode), name)
 
     @_fuse_boundary
+    @_mutating
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._require_writable()
         view = self.view
@@ -284,6 +319,7 @@ class LayerOperations(pyfuse3.Operations):
 
     # ---- attribute changes -------------------------------------------------
     @_fuse_boundary
+    @_mutating
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self.view.node(inode)
         if not (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
@@ -293,9 +329,7 @@ class LayerOperations(pyfuse3.Operations):
         if fields.update_size and fh is not None and fh in self._fd_inode and node.child.in_upper:
             os.ftruncate(fh, attr.st_size)
         elif fields.update_size:
-            if not node.child.in_upper:
-                self.view.copy_up(node, with_data=attr.st_size > 0)
-                self._repoint_readers(node)
+            await self._copy_up(node, with_data=attr.st_size > 0)
             fd = self.view.open_file(node, os.O_WRONLY)
             try:
                 os.ftruncate(fd, attr.st_size)
@@ -319,6 +353,7 @@ class LayerOperations(pyfuse3.Operations):
         return self._node_entry(node)
 
     @_fuse_boundary
+    @_mutating
     async def setxattr(self, inode, name, value, ctx):
         self._require_writable()
         if name.startswith(HIDDEN_XATTR_PREFIXES):
@@ -331,6 +366,7 @@ class LayerOperations(pyfuse3.Operations):
             os.close(dir_fd)
 
     @_fuse_boundary
+    @_mutating
     async def removexattr(self, inode, name, ctx):
         self._require_writable()
         if name.startswith(HIDDEN_XATTR_PREFIXES):

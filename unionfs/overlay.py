@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import safepath
-from .upper import UpperLayer, read_xattrs, remove_tree_at
+from .upper import StagedCopy, UpperLayer, read_xattrs, remove_tree_at
 from .whiteout import WHITEOUT_PREFIX, DirListing, merge
 
 OVERRIDE_XATTR = "user.containers.override_stat"
@@ -416,23 +416,52 @@ class MergedView:
 
     def copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Bring a non-directory into the upper, atomically, keeping its st_ino."""
+        staged = self.stage_copy_up(node, with_data=with_data)
+        if staged is not None:
+            try:
+                staged.run()
+            except BaseException:
+                staged.discard()
+                raise
+            self.finish_copy_up(node, staged)
+
+    def stage_copy_up(self, node: Node, *, with_data: bool = True) -> StagedCopy | None:
+        """First half of a copy-up: parents made, the copy started in the work dir.
+
+        Returns None when nothing is left to do: already in the upper, or a
+        symlink or special file, which is created whole at once.
+        """
         if node.child.in_upper:
-            return
+            return None
         upper = self._writable()
+        self.copy_up_dir(node.parent)
+        with self._parent_fd(node) as (lower_fd, name):
+            xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
+            served = node.attr   # owner and mode as served, override xattrs applied
+            if stat.S_ISREG(served.mode):
+                data_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lower_fd)
+                try:
+                    return upper.stage_file(data_fd, served, xattrs, with_data=with_data)
+                except BaseException:
+                    os.close(data_fd)
+                    raise
+            target = os.readlink(name, dir_fd=lower_fd) if stat.S_ISLNK(served.mode) else None
+        parent_fd = upper.open_dir(node.parent.relpath)
+        try:
+            upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
+        finally:
+            os.close(parent_fd)
+        self._became_upper(node, (UPPER,))
+        return None
+
+    def finish_copy_up(self, node: Node, staged: StagedCopy) -> None:
+        """Second half: rename the complete copy into the node's place (wherever that is now)."""
+        if node.child.in_upper or node.unlinked:
+            staged.discard()
+            return
         parent_fd = self.upper_dir_fd(node.parent)
         try:
-            with self._parent_fd(node) as (lower_fd, name):
-                xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
-                served = node.attr   # owner and mode as served, override xattrs applied
-                if stat.S_ISREG(served.mode):
-                    data_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lower_fd)
-                    try:
-                        upper.copy_file_in(data_fd, served, xattrs, parent_fd, node.name, with_data=with_data)
-                    finally:
-                        os.close(data_fd)
-                else:
-                    target = os.readlink(name, dir_fd=lower_fd) if stat.S_ISLNK(served.mode) else None
-                    upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
+            staged.publish(parent_fd, node.name)
         finally:
             os.close(parent_fd)
         lower, lower_index = node.attr, node.winner

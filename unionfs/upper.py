@@ -93,23 +93,11 @@ class UpperLayer:
             remove_tree_at(dir_fd, name)
 
     # ---- copy-up -----------------------------------------------------------------
-    def copy_file_in(self, source_fd: int, served, xattrs: dict[str, bytes],
-                     dest_dir_fd: int, dest_name: bytes, *, with_data: bool = True) -> None:
-        """Copy a regular file into place atomically: work dir, fsync, rename."""
+    def stage_file(self, source_fd: int, served, xattrs: dict[str, bytes], *, with_data: bool = True) -> "StagedCopy":
+        """Start a copy-up in the work dir; ``run`` then ``publish`` finish it (atomically)."""
         temp = self.temp_name()
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd)
-        try:
-            if with_data:
-                copy_data(source_fd, out, served.size)
-            apply_metadata(out, served, xattrs)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=self.work_fd)
-            raise
-        os.close(out)
-        os.rename(temp, dest_name, src_dir_fd=self.work_fd, dst_dir_fd=dest_dir_fd)
+        return StagedCopy(self, temp, source_fd, out, served, xattrs, with_data)
 
     def make_dir_like(self, dest_dir_fd: int, name: bytes, served, xattrs: dict[str, bytes]) -> None:
         """Create a directory in the upper carrying a lower directory's metadata."""
@@ -143,6 +131,40 @@ class UpperLayer:
             with contextlib.suppress(OSError):
                 os.setxattr(path, key, value, follow_symlinks=False)
         os.utime(name, ns=(served.atime_ns, served.mtime_ns), dir_fd=dest_dir_fd, follow_symlinks=False)
+
+
+class StagedCopy:
+    """A file being copied up: the data copy may run in a worker thread (it touches only its fds);
+    publishing renames it into the upper and belongs to the thread that owns the merged view."""
+
+    def __init__(self, upper: UpperLayer, temp: bytes, source_fd: int, out_fd: int, served, xattrs, with_data):
+        self.upper, self.temp, self.source_fd, self.out_fd = upper, temp, source_fd, out_fd
+        self.served, self.xattrs, self.with_data = served, xattrs, with_data
+
+    @property
+    def size(self) -> int:
+        return self.served.size if self.with_data else 0
+
+    def run(self) -> None:
+        if self.with_data:
+            copy_data(self.source_fd, self.out_fd, self.served.size)
+        apply_metadata(self.out_fd, self.served, self.xattrs)
+        os.fsync(self.out_fd)
+
+    def publish(self, dest_dir_fd: int, dest_name: bytes) -> None:
+        self._close()
+        os.rename(self.temp, dest_name, src_dir_fd=self.upper.work_fd, dst_dir_fd=dest_dir_fd)
+
+    def discard(self) -> None:
+        self._close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp, dir_fd=self.upper.work_fd)
+
+    def _close(self) -> None:
+        for fd in (self.source_fd, self.out_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.source_fd = self.out_fd = -1
 
 
 def whiteout_name_bytes(name: bytes) -> bytes:
