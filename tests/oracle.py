@@ -66,7 +66,12 @@ def to_overlay_form(layer_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
             if name == OPAQUE_MARKER:
                 os.setxattr(directory, OPAQUE_XATTR, b"y")
             elif (target := _whiteout_target(name)) is not None:
-                os.mknod(os.path.join(directory, target), stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                hidden = os.path.join(directory, target)
+                if not os.path.lexists(hidden):
+                    os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                elif os.path.isdir(hidden) and not os.path.islink(hidden):
+                    # Whiteout and re-add in one layer: the new directory must hide the old one's contents.
+                    os.setxattr(hidden, OPAQUE_XATTR, b"y")
         dirnames[:] = [name for name in dirnames if name not in markers]
         os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
     return out
@@ -93,7 +98,8 @@ def kernel_overlay(lower_dirs_top_first: list[str | os.PathLike], mountpoint: st
     stay under the kernel's one-page limit on mount options. Without ``upper``
     the mount is read-only, and the kernel wants two lowers then, so a single
     layer gets an empty one beneath it. ``upper`` is used as it is (overlay form);
-    a missing ``work`` is made beside it and removed afterwards.
+    a missing ``work`` is made beside it and removed afterwards. ``options`` adds
+    kernel features (e.g. "index=on,redirect_dir=on") to the mount options.
     """
     if not lower_dirs_top_first:
         raise ValueError("kernel_overlay needs at least one lower directory")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import json
 import os
+import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
@@ -307,3 +311,33 @@ def locate_upper(target: str, lowerdir: str | None = None) -> UpperInfo:
         raise UsageError(f"{target}: not a mountpoint, an upper directory or a directory at all")
     lowers = [path for path in (lowerdir or "").split(":") if path]
     return UpperInfo(str(root), lowers, {})
+
+
+def commit(image: Image, upper: UpperInfo, out: str, *, message: str | None = None, image_format: str = "docker",
+           tag: str | None = None) -> str:
+    """Write a new image: ``image`` with the upper appended as one more layer; return its id."""
+    from .diff import write_layer_tar
+    from .image.compression import open_decompressed
+    from .image.writer import write_image
+
+    if upper.record.get("image_id") not in (None, image.id):
+        raise UsageError(f"upper {upper.upper} was made on image {upper.record.get('image')}, not {image.source}")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"{out}: directory {out_dir} does not exist")
+    with tempfile.TemporaryDirectory(prefix=".layermount-commit-", dir=out_dir) as scratch:
+        layer_files = []
+        for index, ref in enumerate(image.layers):
+            path = os.path.join(scratch, f"layer{index}.tar")
+            with ref.open() as blob, open(path, "wb") as tar_file:
+                shutil.copyfileobj(open_decompressed(blob), tar_file, 1 << 20)
+            layer_files.append(path)
+        new_layer = os.path.join(scratch, "upper.tar")
+        with open(new_layer, "wb") as tar_file:
+            write_layer_tar(upper.upper, tar_file)
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = copy.deepcopy(image.config)
+        config["created"] = now
+        config.setdefault("history", []).append(
+            {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
+        return write_image(out, layer_files + [new_layer], config, format=image_format, repo_tag=tag)

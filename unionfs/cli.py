@@ -12,7 +12,7 @@ from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
@@ -21,8 +21,16 @@ layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
 layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
+layermount commit IMAGE UPPER -o NEW.tar       a new image: IMAGE plus the upper as one more layer
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
 layermount store ls | gc | rm IMAGE            the shared layer store"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other error (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see layermount --help)")
 
 
 def _add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +42,7 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _mount_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layermount", usage=MOUNT_USAGE,
+    parser = _Parser(prog="layermount", usage=MOUNT_USAGE,
                                      description="Mount a container image as one root filesystem.")
     parser.add_argument("paths", nargs="+", metavar="IMAGE MOUNTPOINT")
     _add_image_options(parser)
@@ -56,8 +64,8 @@ def _mount_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layermount")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="layermount")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     unpack = commands.add_parser("unpack", help="unpack an image or layer tars into the store")
     unpack.add_argument("sources", nargs="+", metavar="IMAGE|LAYER.tar")
@@ -81,12 +89,24 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true")
     diff.add_argument("--lowerdir", metavar="L3:L2:L1", help="the lowers of a plain upperdir (top first)")
 
+    commit = commands.add_parser("commit", help="write IMAGE plus the upper as a new layer to a new image")
+    commit.add_argument("image", metavar="IMAGE")
+    commit.add_argument("upper", metavar="UPPER|MOUNTPOINT")
+    commit.add_argument("-o", "--output", required=True, metavar="NEW.tar")
+    commit.add_argument("-m", "--message", help="the new layer's history entry (default 'layermount commit')")
+    commit.add_argument("--format", choices=("docker", "oci"), default="docker")
+    commit.add_argument("--tag", metavar="REPO:TAG")
+    commit.add_argument("--platform")
+    commit.add_argument("--image", dest="ref")
+
     store = commands.add_parser("store", help="the layer store")
-    store.add_argument("--store", metavar="DIR")
-    store_commands = store.add_subparsers(dest="store_command", required=True)
-    store_commands.add_parser("ls", help="layers, sizes and the images that use them")
-    store_commands.add_parser("gc", help="remove layers no recorded image uses")
-    remove = store_commands.add_parser("rm", help="forget an image (its layers go at the next gc)")
+    store_option = _Parser(add_help=False)
+    store_option.add_argument("--store", metavar="DIR", help="layer store (default as for mounts)")
+    store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    store_commands.add_parser("ls", parents=[store_option], help="layers, sizes and the images that use them")
+    store_commands.add_parser("gc", parents=[store_option], help="remove layers no recorded image uses")
+    remove = store_commands.add_parser("rm", parents=[store_option],
+                                       help="forget an image (its layers go at the next gc)")
     remove.add_argument("image", metavar="ID|TAG|PATH")
     return parser
 
@@ -96,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return _run_subcommand(_subcommand_parser().parse_args(argv))
-        return _run_mount(_mount_parser().parse_args(argv))
+        return _run_mount(_mount_parser().parse_intermixed_args(argv))
     except LayermountError as exc:
         print(f"layermount: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -163,6 +183,12 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return _which(args.path)
     if args.command == "store":
         return _store(args)
+    if args.command == "commit":
+        image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+        ident = api.commit(image, api.locate_upper(args.upper), args.output, message=args.message,
+                           image_format=args.format, tag=args.tag)
+        print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
+        return 0
     if args.command == "diff":
         from .diff import changes
 

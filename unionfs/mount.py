@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,9 +71,10 @@ def check_mountpoint(path: str) -> str:
             raise MountError(f"mountpoint {path}: not empty")
     except PermissionError:
         raise MountError(f"mountpoint {path}: permission denied") from None
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        reason = "missing" if not os.path.exists("/dev/fuse") else "permission denied"
-        raise MountError(f"/dev/fuse: {reason} (FUSE is needed to mount)")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse: missing (FUSE is needed to mount)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and not shutil.which("fusermount3"):
+        raise MountError("/dev/fuse: permission denied, and no fusermount3 to mount as this user")
     return real
 
 

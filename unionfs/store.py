@@ -204,6 +204,7 @@ class LayerStore:
         image records before it becomes visible.
         """
         self.ensure()
+        started = time.time()
         jobs = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(self._unpack_layer, image, index, ref, progress)
@@ -215,6 +216,13 @@ class LayerStore:
                 except LayermountError as exc:
                     first_error = first_error or exc
         if first_error is not None:
+            # A bad image leaves the store as it found it: drop what this run added.
+            used = self._used_layers()
+            for layer in results:
+                if layer.meta.get("unpacked_at", 0) >= started and layer.diff_id not in used:
+                    with self._try_lock(hex_of(layer.diff_id)) as locked:
+                        if locked:
+                            self._remove_layer(layer)
             raise first_error
         self._record_image(image, results)
         return results
@@ -325,6 +333,16 @@ class LayerStore:
         os.replace(tmp, path)
 
     # ---- maintenance ------------------------------------------------------
+    def _used_layers(self) -> set[str]:
+        return {diff_id for record in self.images() for diff_id in record.get("layers", [])}
+
+    def _remove_layer(self, layer: StoredLayer) -> None:
+        """Rename away first, so no reader ever sees a half-removed layer (caller holds its lock)."""
+        hexpart = hex_of(layer.diff_id)
+        doomed = Path(tempfile.mkdtemp(prefix=f"gc-{hexpart}.", dir=self.tmp_dir))
+        os.rename(self.layers_dir / hexpart, doomed / "layer")
+        remove_tree(doomed)
+
     def remove_image(self, name: str) -> list[str]:
         """Forget recorded images matching an id prefix, tag or source path; return their ids."""
         removed = []
@@ -337,7 +355,7 @@ class LayerStore:
     def gc(self) -> tuple[list[StoredLayer], list[StoredLayer]]:
         """Remove layers no recorded image uses; return (removed, kept-because-mounted)."""
         self.ensure()
-        used = {diff_id for record in self.images() for diff_id in record.get("layers", [])}
+        used = self._used_layers()
         removed, busy = [], []
         for layer in self.layers():
             if layer.diff_id in used:
@@ -347,10 +365,7 @@ class LayerStore:
                 if not locked:
                     busy.append(layer)
                     continue
-                # Rename first so no reader ever sees a half-removed layer.
-                doomed = Path(tempfile.mkdtemp(prefix=f"gc-{hexpart}.", dir=self.tmp_dir))
-                os.rename(self.layers_dir / hexpart, doomed / "layer")
-                remove_tree(doomed)
+                self._remove_layer(layer)
                 removed.append(layer)
         return removed, busy
 

@@ -1,0 +1,732 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: kernel overlayfs, fuse-overlayfs and layermount on the same layers, as ratios.
+
+  scripts/bench.py mount [--quick] [--json FILE]   mount, tree walks, reads, stats at 2/64/128 layers
+  scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
+
+Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
+The layers are generated into a temp dir (--dir picks where) that is removed at
+exit, and every mount is undone at exit, Ctrl-C included. Each number is the
+median of 3 runs (1 with --quick). Kernel overlayfs and fuse-overlayfs read
+overlay-form copies of the layers (0/0 char device whiteouts, opaque xattr),
+layermount the OCI-form originals. A mounter that is missing or fails shows its
+error in its column and the others carry on. Each mode is a subcommand, so a
+benchmark of `layermount unpack` can join as another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+BIG_SIZE = 256 * MiB
+TREE_TOPS, DIRS_PER_TOP, FILES_PER_DIR = 4, 250, 20        # 20,000 files in 1,000 dirs
+SMALL_FILE_SIZES = (0, 100, 700, 2_000, 4_096, 9_000, 30_000)
+STACK_DIRS, STACK_FILES = 100, 100                          # 10,000 paths to stat
+STACK_DEPTHS = (2, 64, 128)
+CREATE_DIRS, CREATE_FILES, CREATE_SIZE = 50, 100, 1024      # 5,000 new files
+WHITEOUT_PREFIX, OPAQUE_MARKER, AUFS_META_PREFIX = ".wh.", ".wh..wh..opq", ".wh..wh."
+
+
+class BenchError(Exception):
+    """A mounter or an operation failed; the message goes into that mounter's column."""
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise BenchError(lines[-1] if lines else f"{Path(str(command[0])).name} exited with {result.returncode}")
+    return result
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(data)
+
+
+def write_big_file(path: Path, block: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        for _ in range(BIG_SIZE // len(block)):
+            file.write(block)
+
+
+def make_image_layers(oci: Path, block: bytes) -> list[str]:
+    """base (20,000 small files, one 256 MiB file), mid and top (edits, whiteouts, opaque dir, type change).
+
+    Returns the layer names, top first. tree/t0 (5,000 files) is only in base.
+    """
+    sizes = random.Random(42)
+    view = memoryview(block)
+    for top in range(TREE_TOPS):
+        for directory in range(DIRS_PER_TOP):
+            folder = oci / "base" / "tree" / f"t{top}" / f"d{directory:03d}"
+            folder.mkdir(parents=True)
+            for index in range(FILES_PER_DIR):
+                size = sizes.choice(SMALL_FILE_SIZES)
+                offset = sizes.randrange(len(block) - size)
+                write_bytes(folder / f"f{index:02d}", view[offset:offset + size])
+    write_big_file(oci / "base" / "big" / "big.bin", block)
+
+    mid = oci / "mid"
+    for directory in range(0, DIRS_PER_TOP, 5):
+        write_bytes(mid / "tree" / "t1" / f"d{directory:03d}" / "f00", view[:3_000])
+    for directory in range(0, DIRS_PER_TOP, 10):
+        write_bytes(mid / "tree" / "t2" / f"d{directory:03d}" / f"{WHITEOUT_PREFIX}f01", b"")
+    write_bytes(mid / "tree" / "t3" / "d000" / OPAQUE_MARKER, b"")
+    for index in range(10):
+        write_bytes(mid / "tree" / "t3" / "d000" / f"n{index}", view[index:index + 500])
+    for index in range(100):
+        write_bytes(mid / "extra" / f"e{index:03d}", view[index:index + 1_000])
+
+    top = oci / "top"
+    write_bytes(top / "tree" / "t2" / f"{WHITEOUT_PREFIX}d{DIRS_PER_TOP - 1:03d}", b"")
+    write_bytes(top / "tree" / "t1" / "d001", b"a file over a directory\n")
+    for index in range(10):
+        write_bytes(top / "etc" / f"c{index:02d}", f"setting {index}\n".encode())
+    return ["top", "mid", "base"]
+
+
+def make_stack_layers(oci: Path) -> dict[int, list[str]]:
+    """A base of 10,000 files under 100 dirs and 127 small layers above it, each touching 3 dirs.
+
+    Returns, per depth, the layer names top first.
+    """
+    for directory in range(STACK_DIRS):
+        folder = oci / "stack" / "base" / f"d{directory:02d}"
+        folder.mkdir(parents=True)
+        for index in range(STACK_FILES):
+            write_bytes(folder / f"f{index:02d}", b"x" * 100)
+    for layer in range(1, max(STACK_DEPTHS)):
+        for touch in range(3):
+            folder = oci / "stack" / f"{layer:03d}" / f"d{(layer * 37 + touch * 11) % STACK_DIRS:02d}"
+            write_bytes(folder / f"n{layer:03d}", b"y" * 50)
+        write_bytes(oci / "stack" / f"{layer:03d}" / f"d{layer * 37 % STACK_DIRS:02d}"
+                    / f"{WHITEOUT_PREFIX}f{layer % STACK_FILES:02d}", b"")
+    return {depth: [f"stack/{layer:03d}" for layer in range(depth - 1, 0, -1)] + ["stack/base"]
+            for depth in STACK_DEPTHS}
+
+
+def stat_targets() -> list[str]:
+    return [f"d{directory:02d}/f{index:02d}" for directory in range(STACK_DIRS) for index in range(STACK_FILES)]
+
+
+def to_overlay_form(layer: Path, out: Path) -> None:
+    """Copy an OCI-form layer into kernel overlayfs form (whiteouts as 0/0 char devices, opaque xattr)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-a", "--no-target-directory", layer, out])
+    for directory, dirnames, filenames in os.walk(out):
+        markers = [name for name in dirnames + filenames if name.startswith(WHITEOUT_PREFIX)]
+        if not markers:
+            continue
+        times = os.lstat(directory)
+        for name in markers:
+            os.unlink(os.path.join(directory, name))
+            target = name[len(WHITEOUT_PREFIX):]
+            if name == OPAQUE_MARKER:
+                os.setxattr(directory, "trusted.overlay.opaque", b"y")
+            elif not name.startswith(AUFS_META_PREFIX) and target not in ("", ".", ".."):
+                os.mknod(os.path.join(directory, target), stat.S_IFCHR, os.makedev(0, 0))
+        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+@dataclass
+class Layers:
+    """The generated layers in both forms: ROOT/oci/NAME and ROOT/ovl/NAME."""
+
+    root: Path
+    image: list[str]
+    stacks: dict[int, list[str]] = field(default_factory=dict)
+
+    def paths(self, form: str, names: list[str]) -> list[Path]:
+        return [self.root / form / name for name in names]
+
+
+def make_layers(root: Path, with_stacks: bool) -> Layers:
+    started = time.perf_counter()
+    block = os.urandom(MiB)
+    layers = Layers(root, make_image_layers(root / "oci", block))
+    names = list(layers.image)
+    if with_stacks:
+        layers.stacks = make_stack_layers(root / "oci")
+        names += layers.stacks[max(STACK_DEPTHS)]
+    for name in names:
+        to_overlay_form(root / "oci" / name, root / "ovl" / name)
+    os.sync()
+    progress(f"generated {len(names)} layers in both forms under {root} in {time.perf_counter() - started:.1f} s")
+    return layers
+
+
+# ---------------------------------------------------------------- mounters
+
+
+def mount_points() -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        return [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), line.split()[4]) for line in info]
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in mount_points()
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as proc_stat:
+            return proc_stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+class Mounter:
+    """Mounts lowers (top first, optionally with upper and work) on a point, and unmounts it."""
+
+    name = ""
+    form = "ovl"          # which copy of the layers it reads
+
+    def __init__(self, problem: str | None = None):
+        self.problem = problem       # why it cannot run at all, shown in its column
+
+
+def overlay_options(lowers: list[Path], upper: Path | None, work: Path | None, relative_to: Path | None = None) -> str:
+    names = [os.path.relpath(lower, relative_to) if relative_to else str(lower) for lower in lowers]
+    options = "lowerdir=" + ":".join(names)
+    if upper is not None:
+        options += f",upperdir={upper},workdir={work}"
+    return options
+
+
+class KernelOverlay(Mounter):
+    name = "kernel overlayfs"
+
+    def mount(self, lowers, point, upper, work):
+        """Lowers are named relative to their common parent so 128 layers fit the one-page option limit."""
+        base = Path(os.path.commonpath(lowers))
+        run(["mount", "-t", "overlay", "overlay", "-o", overlay_options(lowers, upper, work, base), point], cwd=base)
+
+    def unmount(self, point):
+        run(["umount", point])
+
+
+class FuseOverlayfs(Mounter):
+    name = "fuse-overlayfs"
+
+    def __init__(self, binary: str | None):
+        super().__init__(None if binary else "fuse-overlayfs not found on PATH")
+        self.binary = binary
+        self.daemons: dict[Path, int] = {}
+
+    def mount(self, lowers, point, upper, work):
+        run([self.binary, "-o", overlay_options(lowers, upper, work), point])
+        self.daemons[point] = self._daemon_pid(point)
+
+    def unmount(self, point):
+        run(["fusermount3", "-u", point])
+        pid = self.daemons.pop(point, None)
+        deadline = time.monotonic() + 30
+        while pid and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    @staticmethod
+    def _daemon_pid(point: Path) -> int | None:
+        """fuse-overlayfs backgrounds itself; find the daemon serving ``point`` by its command line."""
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[:-1]
+                    if argv and argv[0].endswith(b"fuse-overlayfs") and argv[-1] == bytes(point):
+                        return int(entry)
+        return None
+
+
+class Layermount(Mounter):
+    name = "layermount"
+    form = "oci"
+
+    def __init__(self, binary: str | None, problem: str | None):
+        super().__init__(problem)
+        self.binary = binary
+
+    def mount(self, lowers, point, upper, work):
+        run([self.binary, "-o", overlay_options(lowers, upper, work), point])
+
+    def unmount(self, point):
+        run([self.binary, "umount", point])
+
+
+def find_layermount(explicit: str | None) -> Layermount:
+    """--layermount PATH, else .venv/bin/layermount in this repo, else layermount on PATH."""
+    candidates = [explicit] if explicit else [str(REPO / ".venv" / "bin" / "layermount"), shutil.which("layermount")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and os.path.isfile(candidate):
+            return Layermount(candidate, None)
+    where = explicit or f"{REPO / '.venv/bin/layermount'} or on PATH"
+    return Layermount(None, f"not installed ({where})")
+
+
+class Session:
+    """The temp dir and every mount made in it; ``close`` undoes them all."""
+
+    def __init__(self, parent: str | None):
+        self.root = Path(tempfile.mkdtemp(prefix="lmbench-", dir=parent)).resolve()
+        self.active: dict[Path, Mounter] = {}
+        self.counter = 0
+
+    def scratch(self, kind: str) -> Path:
+        self.counter += 1
+        path = self.root / kind / str(self.counter)
+        path.mkdir(parents=True)
+        return path
+
+    @contextlib.contextmanager
+    def mounted(self, mounter: Mounter, lowers: list[Path], upper: Path | None = None,
+                work: Path | None = None) -> Iterator[tuple[Path, float]]:
+        """Mount; yield the mountpoint and the seconds until its root listed; always unmount."""
+        point = self.scratch("mnt")
+        try:
+            started = time.perf_counter()
+            try:
+                mounter.mount(lowers, point, upper, work)
+            finally:
+                if is_mounted(point):
+                    self.active[point] = mounter
+            os.listdir(point)
+            yield point, time.perf_counter() - started
+        finally:
+            self.unmount(point)
+
+    def unmount(self, point: Path) -> None:
+        mounter = self.active.pop(point, None)
+        if mounter is not None:
+            with contextlib.suppress(BenchError):
+                mounter.unmount(point)
+        if is_mounted(point):
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        with contextlib.suppress(OSError):
+            point.rmdir()
+
+    def close(self) -> None:
+        for point in list(self.active):
+            self.unmount(point)
+        below = [point for point in mount_points() if point.startswith(f"{self.root}/")]
+        for point in sorted(below, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        if any(point.startswith(f"{self.root}/") for point in mount_points()):
+            progress(f"warning: something is still mounted below {self.root}; left it in place")
+            return
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- operations
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as drop:
+        drop.write("3\n")
+
+
+def timed(operation: Callable, *args) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = operation(*args)
+    return time.perf_counter() - started, result
+
+
+def walk(root: Path) -> int:
+    """lstat every entry below root; returns how many there were."""
+    count, pending = 0, [str(root)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                entry.stat(follow_symlinks=False)
+                count += 1
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return count
+
+
+def read_file(path: str, buffer: bytearray) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            total += count
+    return total
+
+
+def read_tree(root: Path) -> tuple[int, int]:
+    """Read every regular file below root; returns (files, bytes)."""
+    files, total, pending, buffer = 0, 0, [str(root)], bytearray(MiB)
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += read_file(entry.path, buffer)
+                    files += 1
+    return files, total
+
+
+def stat_paths(root: Path, targets: list[str]) -> int:
+    """lstat each target; returns how many exist (some are whited out on purpose)."""
+    found, prefix = 0, f"{root}/"
+    for target in targets:
+        with contextlib.suppress(FileNotFoundError):
+            os.lstat(prefix + target)
+            found += 1
+    return found
+
+
+def create_files(point: Path) -> None:
+    payload = b"c" * CREATE_SIZE
+    for directory in range(CREATE_DIRS):
+        folder = point / "created" / f"c{directory:02d}"
+        folder.mkdir(parents=True)
+        for index in range(CREATE_FILES):
+            fd = os.open(folder / f"f{index:03d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, payload)
+            finally:
+                os.close(fd)
+
+
+def write_big(point: Path) -> None:
+    block = os.urandom(MiB)
+    with open(point / "big-new.bin", "wb", buffering=0) as file:
+        for _ in range(BIG_SIZE // MiB):
+            file.write(block)
+
+
+def append_one_byte(point: Path) -> None:
+    fd = os.open(point / "big" / "big.bin", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"!")
+    finally:
+        os.close(fd)
+
+
+def remove_lower_tree(point: Path) -> None:
+    run(["rm", "-rf", point / "tree" / "t0"])
+
+
+def count_created(point: Path) -> int:
+    return sum(len(os.listdir(point / "created" / name)) for name in os.listdir(point / "created"))
+
+
+WRITE_CASES = {   # row key: (label, operation, what it leaves behind, what that must be)
+    "create": ("create 5,000 small files", create_files, count_created, CREATE_DIRS * CREATE_FILES),
+    "write_big": ("write one 256 MiB file", write_big, lambda p: os.stat(p / "big-new.bin").st_size, BIG_SIZE),
+    "copy_up": ("copy-up: 1-byte append to 256 MiB", append_one_byte,
+                lambda p: os.stat(p / "big" / "big.bin").st_size, BIG_SIZE + 1),
+    "rm_tree": ("rm -rf of a 5,000-file lower tree", remove_lower_tree,
+                lambda p: os.path.lexists(p / "tree" / "t0"), False),
+}
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    label: str
+    unit: str                 # "s" (lower is better), "MiB/s" (higher is better) or "x"
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    observed: dict[str, object] = field(default_factory=dict)   # what each mounter saw, to cross-check
+
+    def median(self, mounter: str) -> float | None:
+        values = self.samples.get(mounter)
+        return statistics.median(values) if values and mounter not in self.errors else None
+
+
+class Results:
+    def __init__(self, mounters: list[Mounter]):
+        self.mounters = [mounter.name for mounter in mounters]
+        self.rows: dict[str, Row] = {}
+
+    def row(self, key: str, label: str, unit: str) -> Row:
+        return self.rows.setdefault(key, Row(label, unit))
+
+    def run_case(self, mounter: Mounter, keys: list[str], body: Callable[[], dict[str, tuple[float, object]]]) -> None:
+        """Run one case for one mounter; any failure becomes that mounter's entry in these rows."""
+        if any(mounter.name in self.rows[key].errors for key in keys):
+            return
+        if mounter.problem:
+            for key in keys:
+                self.rows[key].errors[mounter.name] = mounter.problem
+            return
+        progress(f"  {mounter.name}: {', '.join(self.rows[key].label for key in keys)}")
+        try:
+            values = body()
+        except Exception as error:          # one mounter's failure must not stop the others
+            message = describe(error)
+            progress(f"    failed: {message}")
+            for key in keys:
+                self.rows[key].errors[mounter.name] = message
+            return
+        for key, (value, observed) in values.items():
+            self.rows[key].samples.setdefault(mounter.name, []).append(value)
+            self.rows[key].observed.setdefault(mounter.name, observed)
+
+    def mismatches(self) -> list[str]:
+        """Rows where the mounters saw different trees: a speed ratio means little then."""
+        notes = []
+        for row in self.rows.values():
+            seen = {name: value for name, value in row.observed.items() if name not in row.errors}
+            if len({repr(value) for value in seen.values()}) > 1:
+                notes.append(f"{row.label}: results differ: " + ", ".join(f"{n}={v}" for n, v in seen.items()))
+        return notes
+
+
+def describe(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error) or type(error).__name__
+
+
+def format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "MiB/s":
+        return f"{value:.0f} MiB/s"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:.3f} s" if value < 100 else f"{value:.0f} s"
+
+
+def print_table(results: Results, title: str) -> None:
+    kernel, fuse, ours = results.mounters
+    table = [["", kernel, fuse, ours, f"{ours}/{fuse}", f"{ours}/kernel"]]
+    footnotes: list[str] = []
+    for row in results.rows.values():
+        cells = [row.label]
+        for name in results.mounters:
+            if name in row.errors:
+                if row.errors[name] not in footnotes:
+                    footnotes.append(row.errors[name])
+                cells.append(f"error [{footnotes.index(row.errors[name]) + 1}]")
+            else:
+                cells.append(format_value(row.median(name), row.unit))
+        for other in (fuse, kernel):
+            mine, theirs = row.median(ours), row.median(other)
+            cells.append(f"{mine / theirs:.2f}x" if mine is not None and theirs else "-")
+        table.append(cells)
+    widths = [max(len(cells[column]) for cells in table) + 3 for column in range(len(table[0]))]
+    print(f"\n{title}")
+    for cells in table:
+        print("".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+    print("ratios: layermount ÷ other in the row's unit (s: above 1 is slower; MiB/s: above 1 is faster)")
+    for number, message in enumerate(footnotes, 1):
+        print(f"[{number}] {message}")
+    for note in results.mismatches():
+        print(f"warning: {note}")
+
+
+def environment(mounters: list[Mounter], reps: int) -> dict:
+    versions = {"kernel": os.uname().release, "cpus": os.cpu_count(), "repetitions": reps}
+    for mounter in mounters:
+        if isinstance(mounter, FuseOverlayfs) and mounter.binary:
+            output = subprocess.run([mounter.binary, "--version"], capture_output=True, text=True).stdout
+            versions["fuse-overlayfs"] = next((line for line in output.splitlines() if "fuse-overlayfs" in line), None)
+        if isinstance(mounter, Layermount):
+            versions["layermount"] = mounter.binary
+    return versions
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def bench_mount(session: Session, mounters: list[Mounter], reps: int) -> Results:
+    layers = make_layers(session.root, with_stacks=True)
+    targets = stat_targets()
+    results = Results(mounters)
+    results.row("ready", "mount to ready", "s")
+    results.row("walk_cold", "walk (lstat all) cold", "s")
+    results.row("walk_warm", "walk (lstat all) warm", "s")
+    results.row("read_cold", "read all 20k files cold", "s")
+    results.row("read_warm", "read all 20k files warm", "s")
+    results.row("big_cold", "read 256 MiB file cold", "MiB/s")
+    results.row("big_warm", "read 256 MiB file warm", "MiB/s")
+    for depth in STACK_DEPTHS:
+        results.row(f"stat_{depth}", f"stat 10k paths, {depth} layers", "s")
+
+    def image(mounter):
+        return layers.paths(mounter.form, layers.image)
+
+    def ready(mounter):
+        """The second of two mounts: the program and the layers' roots come from a warm cache."""
+        with session.mounted(mounter, image(mounter)):
+            pass
+        with session.mounted(mounter, image(mounter)) as (_, seconds):
+            return {"ready": (seconds, None)}
+
+    def walks(mounter):
+        drop_caches()
+        with session.mounted(mounter, image(mounter)) as (point, _):
+            cold, entries = timed(walk, point)
+            warm, again = timed(walk, point)
+        return {"walk_cold": (cold, entries), "walk_warm": (warm, again)}
+
+    def reads(mounter):
+        drop_caches()
+        with session.mounted(mounter, image(mounter)) as (point, _):
+            cold, seen = timed(read_tree, point / "tree")
+            warm, again = timed(read_tree, point / "tree")
+        return {"read_cold": (cold, seen), "read_warm": (warm, again)}
+
+    def big_read(mounter):
+        drop_caches()
+        buffer = bytearray(MiB)
+        with session.mounted(mounter, image(mounter)) as (point, _):
+            cold, size = timed(read_file, str(point / "big" / "big.bin"), buffer)
+            warm, again = timed(read_file, str(point / "big" / "big.bin"), buffer)
+        return {"big_cold": (size / MiB / cold, size), "big_warm": (again / MiB / warm, again)}
+
+    def stats(mounter, depth):
+        """Timed on a fresh mount after an untimed pass on another, so no run pays for cold lower caches."""
+        lowers = layers.paths(mounter.form, layers.stacks[depth])
+        with session.mounted(mounter, lowers) as (point, _):
+            stat_paths(point, targets)
+        with session.mounted(mounter, lowers) as (point, _):
+            seconds, found = timed(stat_paths, point, targets)
+        return {f"stat_{depth}": (seconds, found)}
+
+    for rep in range(reps):
+        progress(f"repetition {rep + 1}/{reps}")
+        for mounter in mounters:
+            results.run_case(mounter, ["ready"], lambda: ready(mounter))
+            results.run_case(mounter, ["walk_cold", "walk_warm"], lambda: walks(mounter))
+            results.run_case(mounter, ["read_cold", "read_warm"], lambda: reads(mounter))
+            results.run_case(mounter, ["big_cold", "big_warm"], lambda: big_read(mounter))
+            for depth in STACK_DEPTHS:
+                results.run_case(mounter, [f"stat_{depth}"], lambda: stats(mounter, depth))
+
+    growth = results.row("stat_growth", f"stat growth {max(STACK_DEPTHS)} vs {min(STACK_DEPTHS)} layers", "x")
+    deepest, shallowest = results.rows[f"stat_{max(STACK_DEPTHS)}"], results.rows[f"stat_{min(STACK_DEPTHS)}"]
+    for name in results.mounters:
+        if name in deepest.errors or name in shallowest.errors:
+            growth.errors[name] = deepest.errors.get(name) or shallowest.errors[name]
+        elif deepest.median(name) and shallowest.median(name):
+            growth.samples[name] = [deepest.median(name) / shallowest.median(name)]
+    return results
+
+
+def bench_write(session: Session, mounters: list[Mounter], reps: int) -> Results:
+    layers = make_layers(session.root, with_stacks=False)
+    results = Results(mounters)
+    for key, (label, *_) in WRITE_CASES.items():
+        results.row(key, label, "s")
+
+    def write_case(mounter, key):
+        """A fresh upper and work dir, lower caches warm, then one timed operation."""
+        _, operation, leftover, expected = WRITE_CASES[key]
+        lowers = layers.paths(mounter.form, layers.image)
+        scratch = session.scratch("rw")
+        upper, work = scratch / "upper", scratch / "work"
+        upper.mkdir()
+        work.mkdir()
+        try:
+            for lower in lowers:
+                walk(lower)
+            if key == "copy_up":
+                read_file(str(lowers[-1] / "big" / "big.bin"), bytearray(MiB))
+            os.sync()
+            with session.mounted(mounter, lowers, upper, work) as (point, _):
+                seconds, _ = timed(operation, point)
+                found = leftover(point)
+            if found != expected:
+                raise BenchError(f"wrong result: {found!r}, expected {expected!r}")
+            return {key: (seconds, found)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    for rep in range(reps):
+        progress(f"repetition {rep + 1}/{reps}")
+        for mounter in mounters:
+            for key in WRITE_CASES:
+                results.run_case(mounter, [key], lambda: write_case(mounter, key))
+    return results
+
+
+BENCHMARKS = {
+    "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
+    "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="mode", required=True)
+    for mode, (_, help_text) in BENCHMARKS.items():
+        command = commands.add_parser(mode, help=help_text)
+        command.add_argument("--quick", action="store_true", help="one run per measurement instead of 3")
+        command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+        command.add_argument("--dir", help="where to make the temp dir (same disk for every mounter)")
+        command.add_argument("--layermount", metavar="PATH", help="the layermount binary to use")
+    return parser.parse_args(argv)
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        print("bench.py: run as root (kernel overlayfs and drop_caches need it)", file=sys.stderr)
+        return 2
+    mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
+    reps = 1 if args.quick else 3
+    benchmark, description = BENCHMARKS[args.mode]
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    session = Session(args.dir)
+    started = time.perf_counter()
+    try:
+        results = benchmark(session, mounters, reps)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted; unmounting and cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        session.close()
+    env = environment(mounters, reps)
+    print_table(results, f"{args.mode}: {description} (median of {reps}; kernel {env['kernel']}, "
+                         f"{env['cpus']} CPUs, {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        rows = [{"key": key, "label": row.label, "unit": row.unit,
+                 "median": {name: row.median(name) for name in results.mounters},
+                 "samples": row.samples, "errors": row.errors} for key, row in results.rows.items()]
+        Path(args.json).write_text(json.dumps({"mode": args.mode, "environment": env, "rows": rows,
+                                               "warnings": results.mismatches()}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Mounting real images (built by the writer in every format) against kernel overlayfs on the same layers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+import images
+from conftest import LAYERMOUNT, run_layermount
+from oracle import diff_snapshots, kernel_overlay, snapshot
+from unionfs.store import LayerStore
+
+
+def store_layer_dirs(store_dir, image_path) -> list[str]:
+    """The store's layer dirs of an image, top first (what kernel overlayfs is given)."""
+    store = LayerStore(store_dir)
+    record = next(r for r in store.images() if r["source"] == os.path.abspath(image_path))
+    return [str(store.layer(diff_id).path) for diff_id in reversed(record["layers"])]
+
+
+@pytest.mark.parametrize("format,compression", [("docker", "none"), ("docker-oci", "gzip"), ("oci", "zstd"),
+                                                ("oci-dir", "gzip")])
+def test_image_view_matches_kernel_overlayfs(mounts, tmp_path, store_dir, format, compression):
+    image = images.build(tmp_path / f"image.{format}", format=format, compression=compression)
+    point = mounts.mount(image, "--read-only", "-q")
+    lowers = store_layer_dirs(store_dir, image)
+    assert len(lowers) == 4
+    with kernel_overlay(lowers, tmp_path / "kernel") as kernel_root:
+        differences = diff_snapshots(snapshot(point), snapshot(kernel_root), ("layermount", "kernel"))
+    assert not differences, "\n".join(differences)
+
+
+def test_image_edge_cases_through_the_mount(mounts, tmp_path):
+    image = images.build(tmp_path / "image.tar")
+    root = mounts.mount(image, "--read-only", "-q")
+    assert (root / "etc/os-release").read_bytes() == b"ID=demo\n"
+    assert not (root / "var/lib/app/cache").exists()
+    assert (root / "var/lib/app/data").read_bytes() == b"app data v2"
+    assert sorted(os.listdir(root / "opt/tool")) == ["only"]
+    assert (root / "replaced/now-a-dir").read_bytes() == b"dir now"
+    assert (root / "dir-becomes-file").read_bytes() == b"now a file"
+    assert not (root / "bin/ash").exists() and (root / "bin/sh").exists()
+    assert not any(name.startswith(".wh.") for name in os.listdir(root / "var/lib/app"))
+    su = os.stat(root / "bin/su")
+    assert su.st_mode & 0o7777 == 0o4755 and su.st_uid == 0
+    assert os.stat(root / "tmp").st_mode & 0o7777 == 0o1777
+    assert os.stat(root / "owned").st_uid == 1000 and os.stat(root / "etc/shadow").st_gid == 42
+    assert os.readlink(root / "abs-link") == "/etc/passwd"
+    assert os.readlink(root / "loop-a") == "loop-b"
+    with pytest.raises(OSError):
+        (root / "loop-a").read_bytes()
+    null = os.stat(root / "dev/null")
+    assert os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+    assert os.getxattr(root / "xattr-file", "user.note") == b"hello"
+    assert os.getxattr(root / "xattr-file", "trusted.secret") == b"\x00\x01binary"
+    assert (root / "long" / images.LONG_NAME).read_bytes() == b"long name"
+    assert (root / images.DEEP / "bottom").read_bytes() == b"deep"
+
+
+def test_device_nodes_unusable_and_setuid_ignored_on_default_mount(mounts, tmp_path):
+    image = images.build(tmp_path / "image.tar")
+    root = mounts.mount(image, "-q")
+    with pytest.raises(PermissionError):
+        open(root / "dev/null", "rb")
+    options = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(root))
+    assert "nosuid" in options.split(",") and "nodev" in options.split(",")
+
+
+def test_second_image_sharing_the_base_unpacks_only_its_new_layer(tmp_path, store_dir):
+    first = images.build(tmp_path / "first.tar", layers=[images.BASE, images.INSTALL])
+    second = images.build(tmp_path / "second.tar", layers=[images.BASE, images.CHANGES], format="oci")
+    result = run_layermount("unpack", first, "--store", store_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Pull complete") == 2
+    result = run_layermount("unpack", second, "--store", store_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Already exists") == 1 and result.stdout.count("Pull complete") == 1
+    listing = run_layermount("store", "ls", "--store", store_dir)
+    assert "3 layers" in listing.stdout and "2 images" in listing.stdout
+
+
+def test_concurrent_unpacks_of_one_image_both_succeed(tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    command = [*LAYERMOUNT, "unpack", str(image), "--store", str(store_dir)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    assert len(LayerStore(store_dir).layers()) == 4
+    assert os.listdir(store_dir / "tmp") == []
+
+
+def test_digest_mismatch_names_the_layer_and_keeps_nothing(tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar", format="docker", compression="none")
+    # Rewrite the config's diff_ids so the first layer no longer matches.
+    patched = tmp_path / "patched.tar"
+    subprocess.run(["mkdir", "-p", str(tmp_path / "x")], check=True)
+    subprocess.run(["tar", "-xf", str(image), "-C", str(tmp_path / "x")], check=True)
+    manifest = json.loads((tmp_path / "x/manifest.json").read_text())
+    config_path = tmp_path / "x" / manifest[0]["Config"]
+    config = json.loads(config_path.read_text())
+    config["rootfs"]["diff_ids"][0] = "sha256:" + "0" * 64
+    config_path.unlink()
+    data = json.dumps(config).encode()
+    manifest[0]["Config"] = hashlib.sha256(data).hexdigest() + ".json"
+    (tmp_path / "x" / manifest[0]["Config"]).write_bytes(data)
+    (tmp_path / "x/manifest.json").write_text(json.dumps(manifest))
+    subprocess.run(["tar", "-cf", str(patched), "-C", str(tmp_path / "x"), "."], check=True)
+    result = run_layermount("unpack", patched, "--store", store_dir, "-q")
+    assert result.returncode == 3
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "diff_id mismatch" in result.stderr and "layer 1" in result.stderr
+    assert not any((store_dir / "layers").iterdir())
+
+
+def test_gc_keeps_layers_of_live_mounts_and_recorded_images(mounts, tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    mounts.mount(image, "-q")
+    assert run_layermount("store", "rm", "fixture:latest", "--store", store_dir).returncode == 0
+    result = run_layermount("store", "gc", "--store", store_dir)
+    assert "removed 0 layers" in result.stdout and result.stdout.count("in use by a mount") == 4
+    mounts.umount(mounts.points[-1])
+    result = run_layermount("store", "gc", "--store", store_dir)
+    assert "removed 4 layers" in result.stdout
+    assert LayerStore(store_dir).layers() == []
+
+
+def test_inspect_shows_platform_layers_history_and_config(tmp_path):
+    image = images.build(tmp_path / "image.tar")
+    result = run_layermount("inspect", image, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [layer["created_by"] for layer in summary["layers"]] == images.STEPS
+    assert summary["config"]["Cmd"] == ["/bin/sh"] and summary["repo_tags"] == ["fixture:latest"]
+    text = run_layermount("inspect", image).stdout
+    assert "RUN install app" in text and "Platform:" in text
+
+
+@pytest.mark.parametrize("bad,message", [("missing.tar", "missing.tar"), ("notimage.tar", "notimage.tar")])
+def test_bad_image_is_one_line_and_nothing_mounted(mounts, tmp_path, bad, message):
+    if bad == "notimage.tar":
+        (tmp_path / bad).write_bytes(b"this is not a tar at all" * 100)
+    result = mounts.mount(tmp_path / bad, expect_ok=False)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not mounts.points
+
+
+def test_writable_image_mount_commit_round_trip(mounts, tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    upper = tmp_path / "upper"
+    root = mounts.mount(image, "--upper", upper, "-q")
+    (root / "etc/os-release").write_bytes(b"ID=committed\n")
+    os.unlink(root / "bin/sh")
+    os.makedirs(root / "srv/www")
+    (root / "srv/www/index.html").write_bytes(b"<h1>hi</h1>")
+    os.unlink(root / "opt/tool/only")
+    os.rmdir(root / "opt/tool")
+    seen = snapshot(root, mtimes=False)
+    diff = run_layermount("diff", root).stdout.splitlines()
+    assert "D /bin/sh" in diff and "A /srv/www/index.html" in diff and "C /etc/os-release" in diff
+    mounts.umount(root)
+    out = tmp_path / "committed.tar"
+    result = run_layermount("commit", image, upper, "-o", out, "-m", "RUN edit things")
+    assert result.returncode == 0, result.stderr
+    again = mounts.mount(out, "--read-only", "-q", mountpoint=mounts.mountpoint("again"))
+    differences = diff_snapshots(seen, snapshot(again, mtimes=False), ("upper mount", "committed image"))
+    assert not differences, "\n".join(differences)
+    history = json.loads(run_layermount("inspect", out, "--json").stdout)["layers"]
+    assert len(history) == 5 and history[-1]["created_by"] == "RUN edit things"
+    if subprocess.run(["which", "skopeo"], capture_output=True).returncode == 0:
+        inspected = subprocess.run(["skopeo", "inspect", f"docker-archive:{out}"], capture_output=True, text=True)
+        assert inspected.returncode == 0, inspected.stderr
+        assert len(json.loads(inspected.stdout)["Layers"]) == 5
+
+
+def test_kept_upper_shows_changes_again_after_remount(mounts, tmp_path):
+    image = images.build(tmp_path / "image.tar")
+    upper = tmp_path / "upper"
+    root = mounts.mount(image, "--upper", upper, "-q")
+    (root / "note").write_text("kept")
+    mounts.umount(root)
+    root = mounts.mount(image, "--upper", upper, "-q", mountpoint=mounts.mountpoint("again"))
+    assert (root / "note").read_text() == "kept"
+
+
+def test_throwaway_upper_is_removed_at_unmount(mounts, tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    root = mounts.mount(image, "-q")
+    (root / "scratch").write_text("gone soon")
+    assert len(list((store_dir / "tmp").iterdir())) == 1
+    mounts.umount(root)
+    assert list((store_dir / "tmp").iterdir()) == []

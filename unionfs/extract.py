@@ -1,0 +1,576 @@
+"""Unpack one layer tar into an empty directory, safely, in a single forward pass.
+
+Every member is created relative to directory fds opened with O_NOFOLLOW,
+one component at a time from the layer directory, so no name, symlink or
+hardlink in a hostile tar can reach outside it: the classic escapes go
+through a symlink an earlier member planted, or (umoci's CVE-2021-29136)
+through replacing the root itself. tarfile's own extract is never used: it
+resolves paths with the kernel and follows what it finds, and its 'data'
+filter drops what a root filesystem needs (devices, absolute symlinks, owners).
+
+Without privileges (rootless) owners, special modes and device nodes cannot
+be made for real; each entry then records them in the
+``user.containers.override_stat`` xattr, as containers/storage and
+fuse-overlayfs do, and the overlay serves that instead of the real inode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import BinaryIO, Callable, Iterator
+
+from .errors import ImageError, LayermountError, UnsafeArchive
+from .overlay import HIDDEN_XATTR_PREFIXES, OVERRIDE_XATTR
+from .safepath import fd_path
+
+PATH_MAX = 4095            # bytes in a relative path, as the kernel counts them (without the NUL)
+NAME_MAX = 255
+CHUNK = 1 << 20
+# A pax or GNU long-name header is read into memory whole; real ones are a few KiB.
+MAX_EXTENDED_HEADER = 8 << 20
+# Open directory fds kept while unpacking; members arrive grouped by directory,
+# so a small LRU saves nearly every re-walk without nearing RLIMIT_NOFILE.
+DIR_CACHE_SIZE = 128
+MAX_ID = 0xFFFFFFFE        # (uid_t)-1 means "unchanged" to chown(2)
+MAX_MTIME_NS = 1 << 63
+
+DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# chown(2) refusals that mean "not allowed to give this owner" (no CAP_CHOWN, or
+# an id unmapped in this user namespace): the owner then goes to the override xattr.
+CANNOT_CHOWN = (errno.EPERM, errno.EINVAL)
+# Failures of the store's filesystem or of this process, not of the archive:
+# they escape as OSError for the caller to report against the store.
+STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                          errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EOPNOTSUPP})
+SPECIAL_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+EXTENDED_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+WHITEOUTS_OF_DOTS = {b".wh..": ".", b".wh...": ".."}
+
+
+@dataclass
+class ExtractStats:
+    """What one layer unpacked to, for the store's layer record."""
+
+    entries: int = 0          # tar members processed
+    bytes: int = 0            # file data written (holes of sparse files not counted)
+    overrides: bool = False   # some owner or mode lives in the override xattr, not the inode
+
+
+def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bool | None = None) -> ExtractStats:
+    """Unpack the uncompressed layer tar ``tar_stream`` into the existing empty directory ``dest``.
+
+    The stream is read forward only and left open, unread past the archive's
+    end, for the caller to hash and drain. Raises UnsafeArchive for a member
+    that would escape ``dest`` or is otherwise hostile, ImageError for a
+    corrupt tar; OSError only for failures of the destination filesystem.
+    """
+    if rootless is None:
+        rootless = os.geteuid() != 0
+    extractor = _Extractor(dest, rootless)
+    try:
+        tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo), "at its start")
+        with contextlib.closing(tar):
+            for member in _members(tar):
+                extractor.add(tar, member)
+        extractor.finish()
+    finally:
+        extractor.close()
+    return extractor.stats
+
+
+def _unsafe(member: str, reason: str) -> UnsafeArchive:
+    error = UnsafeArchive(f"member '{_shown(member)}': {reason}")
+    error.member = member
+    return error
+
+
+def _shown(name: str) -> str:
+    """A name fit for a one-line message: control characters escaped, very long names elided."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= 120 else text[:60] + "..." + text[-40:]
+
+
+class _Hostile(Exception):
+    """A member would escape or subvert the layer; reported as UnsafeArchive naming it."""
+
+
+class _Unusable(Exception):
+    """A member that cannot be unpacked as written; reported as ImageError naming it."""
+
+
+@contextlib.contextmanager
+def _blame(member: str) -> Iterator[None]:
+    """Turn failures while unpacking ``member`` into the user-facing error naming it."""
+    try:
+        yield
+    except _Hostile as exc:
+        raise _unsafe(member, str(exc)) from None
+    except _Unusable as exc:
+        raise ImageError(f"member '{_shown(member)}': {exc}") from None
+    except OSError as exc:
+        if exc.errno in STORE_ERRNOS:
+            raise
+        raise ImageError(f"member '{_shown(member)}': {exc.strerror or exc}") from None
+
+
+def _read_tar(read: Callable, where: str):
+    """Call a tarfile read; any failure of it means the archive is damaged (or its stream is)."""
+    try:
+        return read()
+    except LayermountError:
+        raise
+    except Exception as exc:   # tarfile surfaces damage as TarError, ValueError, EOFError, RecursionError ...
+        raise ImageError(f"corrupt tar {where}: {exc or type(exc).__name__}") from None
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Header parsing that reports a damaged header instead of taking it for the archive's end.
+
+    tarfile stops quietly at a bad checksum or a short header after the
+    first member, which would unpack half a layer and call it complete.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        position = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise                  # the end-of-archive blocks, or a stream that simply ends
+        except LayermountError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"corrupt tar at byte {position}: {exc or type(exc).__name__}") from None
+
+    def _proc_member(self, tar):
+        if self.type in EXTENDED_HEADER_TYPES and self.size > MAX_EXTENDED_HEADER:
+            raise ImageError(f"corrupt tar at byte {self.offset}: extended header of {self.size} bytes")
+        return super()._proc_member(tar)
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    previous = None
+    while True:
+        where = f"after member '{_shown(previous.name)}'" if previous else "at its first member"
+        member = _read_tar(tar.next, where)
+        if member is None:
+            return
+        # tarfile keeps every member for name lookups we never make; a layer of
+        # a million files would otherwise hold them all in memory.
+        tar.members.clear()
+        yield member
+        previous = member
+
+
+@dataclass
+class _Meta:
+    """Owner, mode, time and xattrs of one entry, checked for range once."""
+
+    name: str                 # the member, for messages
+    uid: int
+    gid: int
+    mode: int                 # permission bits with setuid/setgid/sticky
+    mtime_ns: int | None      # None: leave the time of creation
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, member: tarfile.TarInfo) -> "_Meta":
+        for what, value in (("uid", member.uid), ("gid", member.gid)):
+            if not 0 <= value <= MAX_ID:
+                raise _Unusable(f"{what} {value} out of range")
+        xattrs = {}
+        for key, value in member.pax_headers.items():
+            if key.startswith(XATTR_PAX_PREFIX):
+                name = key[len(XATTR_PAX_PREFIX):]
+                if not name or "\0" in name:
+                    raise _Unusable(f"invalid xattr name {name!r}")
+                xattrs[name] = value.encode("utf-8", "surrogateescape")
+        return cls(member.name, member.uid, member.gid, stat.S_IMODE(member.mode), _mtime_ns(member), xattrs)
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The mtime in ns, exact for pax decimal times (a float would round them)."""
+    text = member.pax_headers.get("mtime", member.mtime)
+    try:
+        seconds = Decimal(text)
+        if not abs(seconds) < Decimal(MAX_MTIME_NS) / 1_000_000_000:
+            raise InvalidOperation
+    except (InvalidOperation, ValueError, TypeError):
+        raise _Unusable(f"mtime {text!r} out of range") from None
+    return int(seconds * 1_000_000_000)
+
+
+def _components(name: str, role: str) -> list[bytes]:
+    """A member path as components below the layer root; refuses any way out of it.
+
+    Leading '/' and './' are dropped as GNU tar does; '' and '.' are the root.
+    """
+    raw = os.fsencode(name)
+    if b"\0" in raw:
+        raise _Hostile(f"{role} contains a NUL byte")
+    parts = [part for part in raw.split(b"/") if part not in (b"", b".")]
+    if b".." in parts:
+        raise _Hostile(f"{role} has a '..' component")
+    if len(b"/".join(parts)) > PATH_MAX:
+        raise _Hostile(f"{role} is longer than PATH_MAX ({PATH_MAX} bytes)")
+    for part in parts:
+        if len(part) > NAME_MAX:
+            raise _Hostile(f"{role} has a component longer than NAME_MAX ({NAME_MAX} bytes)")
+    return parts
+
+
+def _data_segments(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes a member stores, in file order; the rest of a sparse file is holes."""
+    if member.sparse is None:
+        return [(0, member.size)] if member.size else []
+    segments = []
+    end = 0
+    for offset, length in member.sparse:
+        if length == 0:            # GNU tar pads its maps with empty entries
+            continue
+        if offset < end or offset + length > member.size:
+            raise _Unusable("corrupt sparse map")
+        segments.append((offset, length))
+        end = offset + length
+    return segments
+
+
+class _Extractor:
+    """The state of one unpack: the layer root fd, cached directory fds and what exists so far."""
+
+    def __init__(self, dest: str | os.PathLike, rootless: bool):
+        self.rootless = rootless
+        self.stats = ExtractStats()
+        self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dir_fds: OrderedDict[bytes, int] = OrderedDict()    # relative path -> open fd, LRU order
+        self.is_dir: dict[bytes, bool] = {b"": True}             # every entry made so far
+        # Directory metadata is applied last, deepest first: creating children
+        # would change their mtimes, and a 0555 directory would refuse them.
+        self.pending_dirs: dict[bytes, _Meta] = {}
+
+    def close(self) -> None:
+        for fd in self.dir_fds.values():
+            os.close(fd)
+        self.dir_fds.clear()
+        os.close(self.root_fd)
+
+    # ---- members ---------------------------------------------------------
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.stats.entries += 1
+        with _blame(member.name):
+            parts = _components(member.name, "path")
+            if parts and parts[-1] in WHITEOUTS_OF_DOTS:
+                raise _Hostile(f"whiteout of '{WHITEOUTS_OF_DOTS[parts[-1]]}'")
+            meta = _Meta.of(member)
+            if member.isdir():
+                self._directory(parts, meta)
+                return
+            if not parts:
+                raise _Hostile("would replace the layer root with a non-directory")
+            if member.issym():
+                self._symlink(parts, member.linkname, meta)
+            elif member.islnk():
+                self._hardlink(parts, member.linkname)
+            elif member.type in SPECIAL_TYPES:
+                self._special(parts, member, meta)
+            else:                  # regular, contiguous, sparse, and unknown types, as GNU tar does
+                self._regular(parts, meta, lambda fd: self._copy_data(tar, member, fd))
+
+    def _directory(self, parts: list[bytes], meta: _Meta) -> None:
+        path = b"/".join(parts)
+        if parts:
+            parent = self._parent_fd(parts)
+            try:
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mode):
+                    os.unlink(parts[-1], dir_fd=parent)
+                    os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            self.is_dir[path] = True
+        self.pending_dirs[path] = meta
+
+    def _regular(self, parts: list[bytes], meta: _Meta, write: Callable[[int], None],
+                 file_type: int = stat.S_IFREG, device: tuple[int, int] | None = None) -> None:
+        """A regular file, or a stand-in for a node this process may not make (see _special)."""
+        name = parts[-1]
+        fd = self._create(parts, lambda parent: os.open(name, FILE_CREATE_FLAGS, 0o600, dir_fd=parent))
+        try:
+            write(fd)
+            self._apply_to_fd(fd, meta, file_type, device)
+        finally:
+            os.close(fd)
+
+    def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+        segments = _data_segments(member)
+        if not segments and member.sparse is None:
+            return
+        # The raw reader reads at positions and makes no bytes for holes, so a
+        # sparse member's holes stay holes (and a huge one costs nothing).
+        source = tar.extractfile(member).raw
+        for offset, length in segments:
+            source.seek(offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            while length:
+                chunk = _read_tar(lambda: source.read(min(CHUNK, length)), f"in member '{_shown(member.name)}'")
+                if not chunk:
+                    raise ImageError(f"corrupt tar in member '{_shown(member.name)}': unexpected end of data")
+                _write_all(fd, chunk)
+                self.stats.bytes += len(chunk)
+                length -= len(chunk)
+        if member.sparse is not None:
+            try:
+                os.ftruncate(fd, member.size)
+            except OSError as exc:
+                if exc.errno in (errno.EFBIG, errno.EINVAL):
+                    raise _Unusable(f"sparse size {member.size} is too large for the store's filesystem") from None
+                raise
+
+    def _symlink(self, parts: list[bytes], target: str, meta: _Meta) -> None:
+        raw_target = os.fsencode(target)
+        if b"\0" in raw_target:
+            raise _Hostile("symlink target contains a NUL byte")
+        if not raw_target:
+            raise _Unusable("symlink has an empty target")
+        name = parts[-1]
+        self._create(parts, lambda parent: os.symlink(raw_target, name, dir_fd=parent))
+        parent = self._parent_fd(parts)
+        if not self.rootless:
+            try:
+                os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in CANNOT_CHOWN:
+                    raise
+                # A symlink cannot carry the override xattr; it keeps this process's owner.
+        self._set_xattrs(fd_path(parent, name), meta.xattrs, special=True)
+        if meta.mtime_ns is not None:
+            os.utime(name, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+    def _hardlink(self, parts: list[bytes], linkname: str) -> None:
+        target = _components(linkname, f"hardlink target '{_shown(linkname)}'")
+        target_path = b"/".join(target)
+        if target == parts and self.is_dir.get(target_path) is False:
+            return                 # a link to itself: already what the member asks for
+        kind = self.is_dir.get(target_path)
+        if kind is None:
+            raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)")
+        if kind:
+            raise _Hostile(f"hardlink to directory '{_shown(linkname)}'")
+        # Resolving the link's own parent may evict the target's from the cache.
+        target_dir = os.dup(self._parent_fd(target, create=False))
+        try:
+            self._create(parts, lambda parent: os.link(target[-1], parts[-1], src_dir_fd=target_dir,
+                                                       dst_dir_fd=parent, follow_symlinks=False))
+        except FileNotFoundError:  # replacing the link's path removed the target with it
+            raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)") from None
+        finally:
+            os.close(target_dir)
+
+    def _special(self, parts: list[bytes], member: tarfile.TarInfo, meta: _Meta) -> None:
+        """A device or fifo: made for real where allowed, else an empty file with its type in the xattr.
+
+        user.* xattrs are refused on device and fifo inodes, so without the
+        privilege to give the node its owner even a fifo becomes a stand-in.
+        """
+        file_type = SPECIAL_TYPES[member.type]
+        device = None
+        if file_type != stat.S_IFIFO:
+            device = (member.devmajor, member.devminor)
+            if not all(0 <= number <= 0xFFFFFFFF for number in device):
+                raise _Unusable(f"device number {device[0]}:{device[1]} out of range")
+        if not self.rootless and self._make_node(parts, file_type, device, meta):
+            return
+        self._regular(parts, meta, lambda fd: None, file_type, device)
+
+    def _make_node(self, parts: list[bytes], file_type: int, device: tuple[int, int] | None, meta: _Meta) -> bool:
+        """mknod as the tar says; False when this process may not make it or give it its owner."""
+        name = parts[-1]
+        rdev = os.makedev(*device) if device else 0
+        try:
+            self._create(parts, lambda parent: os.mknod(name, file_type | 0o600, rdev, dir_fd=parent))
+        except PermissionError:
+            return False           # no CAP_MKNOD (a user namespace)
+        parent = self._parent_fd(parts)
+        try:
+            os.chown(name, meta.uid, meta.gid, dir_fd=parent, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in CANNOT_CHOWN:
+                raise
+            os.unlink(name, dir_fd=parent)
+            return False
+        os.chmod(name, meta.mode, dir_fd=parent, follow_symlinks=False)
+        self._set_xattrs(fd_path(parent, name), meta.xattrs, special=True)
+        if meta.mtime_ns is not None:
+            os.utime(name, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        return True
+
+    # ---- metadata ----------------------------------------------------------
+    def _apply_to_fd(self, fd: int, meta: _Meta, file_type: int, device: tuple[int, int] | None = None) -> None:
+        """Owner, mode, xattrs and mtime of a file or directory, in the order that keeps each.
+
+        chown clears setuid bits and security.capability, so it goes first.
+        Without the owner applied, the real inode gets only plain permission
+        bits (at least u+rw, u+rwx for directories, so this user can serve it)
+        and the override xattr tells the overlay the rest; a stand-in for a
+        device or fifo is always a private empty file described by the xattr.
+        """
+        stand_in = file_type not in (stat.S_IFREG, stat.S_IFDIR)
+        override = self.rootless or stand_in
+        if not override:
+            try:
+                os.chown(fd, meta.uid, meta.gid)
+            except OSError as exc:
+                if exc.errno not in CANNOT_CHOWN:
+                    raise
+                override = True
+        if stand_in:
+            os.chmod(fd, 0o600)
+        elif override:
+            os.chmod(fd, (meta.mode & 0o777) | (0o700 if file_type == stat.S_IFDIR else 0o600))
+        else:
+            os.chmod(fd, meta.mode)
+        self._set_xattrs(fd, meta.xattrs)
+        if override:
+            value = f"{meta.uid}:{meta.gid}:0{file_type | meta.mode:o}"
+            if device:
+                value += f":{device[0]}:{device[1]}"
+            os.setxattr(fd, OVERRIDE_XATTR, value.encode())
+            self.stats.overrides = True
+        if meta.mtime_ns is not None:
+            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+
+    def _set_xattrs(self, target: int | bytes, xattrs: dict[str, bytes], *, special: bool = False) -> None:
+        """Set a member's xattrs on an fd or a /proc path (never followed).
+
+        Our own bookkeeping names are dropped, or an image could forge what
+        the override xattr says. Without privilege only user.* can be set, and
+        the kernel allows user.* only on regular files and directories, never
+        on ``special`` inodes (symlinks, devices, fifos).
+        """
+        for name, value in xattrs.items():
+            if os.fsencode(name).startswith(HIDDEN_XATTR_PREFIXES):
+                continue
+            if (self.rootless and not name.startswith("user.")) or (special and name.startswith("user.")):
+                continue
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, name, value)
+                else:
+                    os.setxattr(target, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno == errno.EOPNOTSUPP:
+                    continue       # the store's filesystem has no such namespace
+                if exc.errno in STORE_ERRNOS:
+                    raise
+                raise _Unusable(f"cannot set xattr '{_shown(name)}': {exc.strerror}") from None
+
+    def finish(self) -> None:
+        """Apply directory metadata, deepest first, now that nothing more is created in them."""
+        for path in sorted(self.pending_dirs, key=lambda path: path.count(b"/") + bool(path), reverse=True):
+            meta = self.pending_dirs[path]
+            with _blame(meta.name):
+                fd = self._dir_fd(path.split(b"/") if path else [], create=False)
+                self._apply_to_fd(fd, meta, stat.S_IFDIR)
+
+    # ---- paths -------------------------------------------------------------
+    def _create(self, parts: list[bytes], make: Callable[[int], object]):
+        """Run ``make(parent_fd)``; if the name exists, remove what is there (last member wins) and retry."""
+        try:
+            result = make(self._parent_fd(parts))
+        except FileExistsError:
+            self._remove(parts)
+            result = make(self._parent_fd(parts))
+        self.is_dir[b"/".join(parts)] = False
+        return result
+
+    def _parent_fd(self, parts: list[bytes], *, create: bool = True) -> int:
+        return self._dir_fd(parts[:-1], create=create)
+
+    def _dir_fd(self, parts: list[bytes], *, create: bool) -> int:
+        """An fd of the directory ``parts`` below the root, walked without following any symlink.
+
+        Missing directories are made (0755, as tar does) when ``create``. The
+        fd belongs to the cache: use it before resolving another path.
+        """
+        fd, depth = self.root_fd, len(parts)
+        while depth:
+            key = b"/".join(parts[:depth])
+            if key in self.dir_fds:
+                self.dir_fds.move_to_end(key)
+                fd = self.dir_fds[key]
+                break
+            depth -= 1
+        for index in range(depth, len(parts)):
+            fd = self._open_child(fd, parts[:index + 1], create)
+        return fd
+
+    def _open_child(self, parent: int, parts: list[bytes], create: bool) -> int:
+        name, path = parts[-1], b"/".join(parts)
+        try:
+            child = os.open(name, DIR_OPEN_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(name, 0o700, dir_fd=parent)
+            self.is_dir[path] = True
+            self.pending_dirs[path] = _Meta(os.fsdecode(path), 0, 0, 0o755, None)
+            child = os.open(name, DIR_OPEN_FLAGS, dir_fd=parent)
+        except NotADirectoryError:
+            shown = _shown(os.fsdecode(path))
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise _Hostile(f"parent '{shown}' is a symlink") from None
+            raise _Hostile(f"parent '{shown}' is not a directory") from None
+        self.dir_fds[path] = child
+        if len(self.dir_fds) > DIR_CACHE_SIZE:
+            os.close(self.dir_fds.popitem(last=False)[1])
+        return child
+
+    def _remove(self, parts: list[bytes]) -> None:
+        """Remove whatever is at ``parts``, a whole directory tree included, following no symlink."""
+        try:
+            os.unlink(parts[-1], dir_fd=self._parent_fd(parts))
+            self.is_dir.pop(b"/".join(parts), None)
+        except IsADirectoryError:
+            self._remove_tree(parts)
+
+    def _remove_tree(self, top: list[bytes]) -> None:
+        """rm -rf by fds, iteratively (paths may be 2000 levels deep), forgetting all it removes."""
+        stack = [top]
+        while stack:
+            current = stack[-1]
+            fd = self._dir_fd(current, create=False)
+            subdirs = []
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(current + [name])
+                    else:
+                        os.unlink(name, dir_fd=fd)
+                        self.is_dir.pop(b"/".join(current + [name]), None)
+            if subdirs:
+                stack.extend(subdirs)
+                continue
+            stack.pop()
+            path = b"/".join(current)
+            if (cached := self.dir_fds.pop(path, None)) is not None:
+                os.close(cached)
+            self.is_dir.pop(path, None)
+            self.pending_dirs.pop(path, None)
+            os.rmdir(current[-1], dir_fd=self._parent_fd(current, create=False))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
