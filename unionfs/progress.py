@@ -44,9 +44,11 @@ class PullProgress:
     def _format(self, short: str, status: str, done: int, total: int | None, bar: bool = True) -> str:
         if status != "Extracting":
             return f"{short}: {status}"
+        if not bar:
+            return f"{short}: {status} {human_size(total)}" if total else f"{short}: {status}"
         if total:
             filled = min(self.BAR_WIDTH, int(self.BAR_WIDTH * done / total))
-            meter = f"[{'=' * max(filled - 1, 0)}{'>' if filled else ''}{' ' * (self.BAR_WIDTH - filled)}] " if bar else ""
+            meter = f"[{'=' * max(filled - 1, 0)}{'>' if filled else ''}{' ' * (self.BAR_WIDTH - filled)}] "
             return f"{short}: {status} {meter}{human_size(done)}/{human_size(total)}"
         return f"{short}: {status} {human_size(done)}"
 
