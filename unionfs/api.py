@@ -16,7 +16,6 @@ from pathlib import Path
 
 from . import safepath
 from .errors import ImageError, MountError, UsageError
-from .image.model import Image
 from .mount import FSTYPE, MountOptions, mount, mount_entries
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
@@ -24,6 +23,7 @@ from .upper import OCI, OVERLAY, UpperLayer
 from .whiteout import OPAQUE_MARKER, whiteout_name
 
 if TYPE_CHECKING:
+    from .image.model import Image
     from .store import LayerStore, StoredLayer
 
 

@@ -539,35 +539,58 @@ class _Extractor:
         """Remove whatever is at ``parts``, a whole directory tree included, following no symlink."""
         try:
             os.unlink(parts[-1], dir_fd=self._parent_fd(parts))
-            self.is_dir.pop(b"/".join(parts), None)
+            self._forget(parts)
         except IsADirectoryError:
             self._remove_tree(parts)
 
     def _remove_tree(self, top: list[bytes]) -> None:
-        """rm -rf by fds, iteratively (paths may be 2000 levels deep), forgetting all it removes."""
-        stack = [top]
-        while stack:
-            current = stack[-1]
-            fd = self._dir_fd(current, create=False)
-            subdirs = []
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    name = os.fsencode(entry.name)
-                    if entry.is_dir(follow_symlinks=False):
-                        subdirs.append(current + [name])
-                    else:
-                        os.unlink(name, dir_fd=fd)
-                        self.is_dir.pop(b"/".join(current + [name]), None)
-            if subdirs:
-                stack.extend(subdirs)
-                continue
-            stack.pop()
-            path = b"/".join(current)
-            if (cached := self.dir_fds.pop(path, None)) is not None:
-                os.close(cached)
-            self.is_dir.pop(path, None)
-            self.pending_dirs.pop(path, None)
-            os.rmdir(current[-1], dir_fd=self._parent_fd(current, create=False))
+        """rm -rf by fds, forgetting all it removes.
+
+        One fd at a time, climbing back through '..' (only this process
+        changes the layer directory), so a tree 2000 levels deep costs
+        neither 2000 fds nor a walk from the root per level.
+        """
+        path = list(top)
+        fd = os.open(top[-1], DIR_OPEN_FLAGS, dir_fd=self._parent_fd(top, create=False))
+        subdirs_left: list[list[bytes]] = []    # per level below top: subdirectories still to remove
+        try:
+            while True:
+                subdirs = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(name)
+                        else:
+                            os.unlink(name, dir_fd=fd)
+                            self._forget(path + [name])
+                subdirs_left.append(subdirs)
+                while not subdirs_left[-1] and len(subdirs_left) > 1:
+                    subdirs_left.pop()
+                    self._forget(path)
+                    parent = os.open(b"..", DIR_OPEN_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = parent
+                    os.rmdir(path.pop(), dir_fd=fd)
+                if not subdirs_left[-1]:
+                    break              # only the top is left, and it is empty
+                name = subdirs_left[-1].pop()
+                child = os.open(name, DIR_OPEN_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                path.append(name)
+        finally:
+            os.close(fd)
+        self._forget(top)
+        os.rmdir(top[-1], dir_fd=self._parent_fd(top, create=False))
+
+    def _forget(self, parts: list[bytes]) -> None:
+        """Drop a removed entry from every record of what exists."""
+        path = b"/".join(parts)
+        if (cached := self.dir_fds.pop(path, None)) is not None:
+            os.close(cached)
+        self.is_dir.pop(path, None)
+        self.pending_dirs.pop(path, None)
 
 
 def _write_all(fd: int, data: bytes) -> None:

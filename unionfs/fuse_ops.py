@@ -16,7 +16,7 @@ import stat
 import pyfuse3
 import trio
 
-from .overlay import HIDDEN_XATTR_PREFIXES, Attr, MergedView, Node
+from .overlay import HIDDEN_XATTR_PREFIXES, Attr, Child, MergedView, Node
 from .safepath import fd_path
 
 log = logging.getLogger("layermount")
@@ -111,8 +111,16 @@ class LayerOperations(pyfuse3.Operations):
         return os.fstat(self.view.upper.root_fd).st_dev if self.view.upper is not None else None
 
     def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        attr = self.view.attr(node)
-        return self._entry(node.ino, attr, attr.is_dir and len(node.sources) > 1)
+        if node.unlinked or node.child.in_upper:
+            attr = self.view.attr(node)
+            return self._entry(node.ino, attr, attr.is_dir and len(node.sources) > 1)
+        return self._child_entry(node.ino, node.child)
+
+    def _child_entry(self, ino: int, child: Child) -> pyfuse3.EntryAttributes:
+        """Lower entries never change: their reply is built once and reused (readdir replays it often)."""
+        if child.reply is None:
+            child.reply = self._entry(ino, child.attr, child.is_merged_dir)
+        return child.reply
 
     # ---- lookups ---------------------------------------------------------
     @_fuse_boundary
@@ -170,10 +178,10 @@ class LayerOperations(pyfuse3.Operations):
             child = entries[index]
             if child.in_upper:
                 view.refresh(child, node)
-            ino = view.ino_for(child.attr)
-            known = view.nodes.get(ino)
-            attr = (self._node_entry(known) if known is not None
-                    else self._entry(ino, child.attr, child.attr.is_dir and len(child.sources) > 1))
+                ino = view.ino_for(child.attr)
+                attr = self._entry(ino, child.attr, child.is_merged_dir)
+            else:
+                attr = self._child_entry(view.ino_for(child.attr), child)
             if not pyfuse3.readdir_reply(token, child.name, attr, index + 3):
                 return
             view.remember(node, child)
@@ -377,10 +385,6 @@ class LayerOperations(pyfuse3.Operations):
             os.removexattr(fd_path(dir_fd, entry), os.fsdecode(name), follow_symlinks=False)
         finally:
             os.close(dir_fd)
-
-    @_fuse_boundary
-    async def flush(self, fh):
-        pass
 
     # ---- extended attributes ---------------------------------------------
     @_fuse_boundary

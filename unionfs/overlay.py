@@ -95,12 +95,13 @@ class Attr:
 class Child:
     """One visible name in a merged directory: the layers behind it and its attributes."""
 
-    __slots__ = ("name", "sources", "attr")
+    __slots__ = ("name", "sources", "attr", "reply")
 
     def __init__(self, name: bytes, sources: tuple[int, ...], attr: Attr):
         self.name = name
         self.sources = sources   # layer indexes, top first; several only for a merged directory
         self.attr = attr
+        self.reply = None        # the FUSE attributes, built once while the entry lives in lower layers
 
     @property
     def in_upper(self) -> bool:
