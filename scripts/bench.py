@@ -3,6 +3,7 @@
 
   scripts/bench.py mount [--quick] [--json FILE]   mount, tree walks, reads, stats at 2/64/128 layers
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
+  scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
 The layers are generated into a temp dir (--dir picks where) that is removed at
@@ -674,16 +675,87 @@ def bench_write(session: Session, mounters: list[Mounter], reps: int) -> Results
     return results
 
 
+def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> list[tuple[str, float, float]]:
+    """layermount unpack of a multi-layer gzip image vs GNU tar -xzf of the same layers, one after another."""
+    sys.path.insert(0, str(REPO))
+    from unionfs.image.writer import new_config, write_image
+
+    progress("making a 4-layer gzip image (4 x 5,000 files, plus a 32 MiB file per layer)")
+    layer_paths = []
+    rng = random.Random(7)
+    for index in range(4):
+        tree = session.root / f"unpack-src{index}"
+        for number in range(5000):
+            directory = tree / f"layer{index}" / f"d{number // 100}"
+            directory.mkdir(parents=True, exist_ok=True)
+            size = rng.choice(SMALL_FILE_SIZES)
+            write_bytes(directory / f"f{number}", (b"%d-" % number) * (size // 6 + 1))
+        write_bytes(tree / f"layer{index}" / "big", rng.randbytes(16 * MiB) * 2)
+        tar_path = session.root / f"layer{index}.tar"
+        run(["tar", "-cf", tar_path, "-C", tree, "."])
+        shutil.rmtree(tree)
+        layer_paths.append(tar_path)
+    image = session.root / "image.tar"
+    write_image(image, [str(path) for path in layer_paths], new_config([f"layer {i}" for i in range(4)]),
+                compression="gzip")
+    gz_layers = []
+    for path in layer_paths:
+        run(["gzip", "-6", "-k", path])
+        gz_layers.append(Path(f"{path}.gz"))
+        path.unlink()
+
+    def with_tar() -> None:
+        for index, layer in enumerate(gz_layers):
+            target = session.root / "tar-out" / str(index)
+            target.mkdir(parents=True)
+            run(["tar", "-xzf", layer, "-C", target])
+
+    def with_layermount() -> None:
+        run([layermount_binary, "unpack", image, "--store", session.root / "store-out", "-q"])
+
+    rows = []
+    for name, operation, output in (("GNU tar -xzf, layer after layer", with_tar, "tar-out"),
+                                    ("layermount unpack (verified)", with_layermount, "store-out")):
+        samples = []
+        for _ in range(reps):
+            run(["sync"])
+            drop_caches()
+            seconds, _ = timed(operation)
+            samples.append(seconds)
+            shutil.rmtree(session.root / output)
+        rows.append((name, statistics.median(samples), 0.0))
+    baseline = rows[0][1]
+    return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
+
+
 BENCHMARKS = {
     "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
 }
 
 
+def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> int:
+    if layermount.binary is None:
+        print(f"bench.py: layermount {layermount.problem}", file=sys.stderr)
+        return 1
+    session = Session(args.dir)
+    try:
+        rows = bench_unpack(session, reps, layermount.binary)
+    finally:
+        session.close()
+    print(f"\nunpack: 4-layer gzip image (median of {reps}, caches dropped before each run)")
+    for name, seconds, ratio in rows:
+        print(f"  {name:<36} {seconds:8.2f} s   {ratio:5.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mode": "unpack", "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="mode", required=True)
-    for mode, (_, help_text) in BENCHMARKS.items():
+    modes = dict(BENCHMARKS, unpack=(None, "layermount unpack vs sequential GNU tar -xzf of the same layers"))
+    for mode, (_, help_text) in modes.items():
         command = commands.add_parser(mode, help=help_text)
         command.add_argument("--quick", action="store_true", help="one run per measurement instead of 3")
         command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -703,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
     reps = 1 if args.quick else 3
+    if args.mode == "unpack":
+        return main_unpack(args, mounters[-1], reps)
     benchmark, description = BENCHMARKS[args.mode]
     signal.signal(signal.SIGTERM, raise_interrupt)
     session = Session(args.dir)

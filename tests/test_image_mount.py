@@ -194,3 +194,13 @@ def test_throwaway_upper_is_removed_at_unmount(mounts, tmp_path, store_dir):
     assert len(list((store_dir / "tmp").iterdir())) == 1
     mounts.umount(root)
     assert list((store_dir / "tmp").iterdir()) == []
+
+
+def test_history_lists_steps_top_first_and_what_the_store_has(tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    before = run_layermount("history", image, "--store", store_dir).stdout.splitlines()
+    assert [line.split()[-1] for line in before[1:5]] == ["things", "true", "app", "/"]
+    assert all(" no " in line for line in before[1:5])
+    run_layermount("unpack", image, "--store", store_dir, "-q", check=True)
+    after = run_layermount("history", image, "--store", store_dir).stdout.splitlines()
+    assert all(" yes " in line for line in after[1:5])

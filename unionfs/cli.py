@@ -12,7 +12,7 @@ from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit", "history")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
@@ -23,6 +23,7 @@ layermount which MOUNTPOINT/PATH               which layer provides a path, and 
 layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
 layermount commit IMAGE UPPER -o NEW.tar       a new image: IMAGE plus the upper as one more layer
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
+layermount history IMAGE                       the build steps, top first, and which layers the store has
 layermount store ls | gc | rm IMAGE            the shared layer store"""
 
 
@@ -80,6 +81,11 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--platform")
     inspect.add_argument("--image", dest="ref")
+
+    history = commands.add_parser("history", help="the build steps, top first, as docker history shows them")
+    history.add_argument("image", metavar="IMAGE")
+    _add_image_options(history)
+    history.add_argument("--no-trunc", action="store_true", help="show whole digests and steps")
 
     which = commands.add_parser("which", help="show which layers have a path and which one wins")
     which.add_argument("path")
@@ -181,6 +187,8 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return _inspect(args)
     if args.command == "which":
         return _which(args.path)
+    if args.command == "history":
+        return _history(args)
     if args.command == "store":
         return _store(args)
     if args.command == "commit":
@@ -224,6 +232,24 @@ def _inspect(args: argparse.Namespace) -> int:
     for key, value in summary["config"].items():
         if value:
             print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+    steps = api.history(image, api.store_for(args.store))
+    width = 71 if args.no_trunc else 19
+    print(f"{'LAYER':<{width}}  {'CREATED':<20}  {'SIZE':>9}  {'STORED':<6}  CREATED BY")
+    for step in steps:
+        layer = (step.diff_id or "<missing>")[:width]
+        size = human_size(step.size) if step.size is not None else "?"
+        if step.in_store is False:
+            size += "*"
+        stored = {True: "yes", False: "no", None: "-"}[step.in_store]
+        created_by = step.created_by if args.no_trunc or len(step.created_by) <= 60 else step.created_by[:57] + "..."
+        print(f"{layer:<{width}}  {step.created[:19]:<20}  {size:>9}  {stored:<6}  {created_by}")
+    if any(step.in_store is False for step in steps):
+        print("* size of the blob as stored in the image; unpacked sizes are known once in the store")
     return 0
 
 
