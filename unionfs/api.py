@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -373,3 +374,32 @@ def history(image: Image, store: "LayerStore") -> list[HistoryStep]:
     for ref in layers:   # more layers than history entries: still show them
         steps.append(HistoryStep(ref.diff_id or ref.digest, "", "", ref.size, None))
     return list(reversed(steps))
+
+
+def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_dir: str | None = None,
+              progress=None) -> int:
+    """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
+    from .mount import unmount
+    from .runtime import container_for, fresh_volumes, run
+
+    mountpoint = tempfile.mkdtemp(prefix="layermount-run-")
+    volumes_base = None
+    try:
+        user = ((image.config.get("config") or {}).get("User") or "").split(":")[0]
+        # FUSE lets only the mounting user in unless allow_other: needed when the image runs as another.
+        options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
+        mount_image(image, store, options, progress, upper_dir)
+        try:
+            container = container_for(image.config, mountpoint, command)
+            container.volumes, volumes_base = fresh_volumes(image.config)
+            for inside in container.volumes:
+                print(f"layermount: volume {inside} is a fresh temporary directory; writes there "
+                      f"do not go to the upper layer", file=sys.stderr)
+            return run(container)
+        finally:
+            unmount(mountpoint)
+    finally:
+        if volumes_base is not None:
+            shutil.rmtree(volumes_base, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)

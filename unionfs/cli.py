@@ -12,12 +12,13 @@ from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit", "history")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit", "history", "run")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
 layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top first
 layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
+layermount run [--upper DIR] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
 layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
@@ -71,6 +72,12 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     unpack = commands.add_parser("unpack", help="unpack an image or layer tars into the store")
     unpack.add_argument("sources", nargs="+", metavar="IMAGE|LAYER.tar")
     _add_image_options(unpack)
+
+    run = commands.add_parser("run", help="run a command in the image, in its own namespaces, on the mount")
+    run.add_argument("image", metavar="IMAGE")
+    run.add_argument("--upper", metavar="DIR", help="keep the container's changes in DIR")
+    _add_image_options(run)
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD", help="default: Entrypoint + Cmd")
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
     umount.add_argument("mountpoint")
@@ -180,6 +187,11 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"Unpacked {image.source} ({len(layers)} layers) into {store.root}")
         return 0
+    if args.command == "run":
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+        return api.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
+                             progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
     if args.command == "umount":
         unmount(args.mountpoint, lazy=args.lazy)
         return 0

@@ -27,6 +27,9 @@ LOWER_TIMEOUT = 86400.0
 # right; a short attribute timeout is a cheap safety net.
 UPPER_ATTR_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# What the kernel's open flags may carry through to the layer file; the rest (FMODE_EXEC,
+# O_LARGEFILE, O_CREAT ...) is the kernel's business, and openat2 refuses bits it does not know.
+PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
 # Reads this large go to a worker thread so one slow disk read never stalls every request.
 THREADED_READ_SIZE = 64 * 1024
 # Copy-ups of files this large copy their data in a worker thread.
@@ -199,9 +202,9 @@ class LayerOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)
             async with self._mutation:
                 await self._copy_up(node, with_data=not flags & os.O_TRUNC)
-                fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
+                fd = self.view.open_file(node, flags & PASSED_FLAGS)
         else:
-            fd = self.view.open_file(node, flags & ~(os.O_CREAT | os.O_EXCL))
+            fd = self.view.open_file(node, flags & PASSED_FLAGS)
             if not node.child.in_upper:
                 self._lower_fds.setdefault(node.ino, set()).add(fd)
         self._fd_inode[fd] = node.ino
@@ -261,7 +264,7 @@ class LayerOperations(pyfuse3.Operations):
     @_mutating
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._require_writable()
-        node, fd = self.view.create(self.view.node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        node, fd = self.view.create(self.view.node(parent_inode), name, mode, flags & PASSED_FLAGS, ctx.uid, ctx.gid)
         self._fd_inode[fd] = node.ino
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._node_entry(node)
 

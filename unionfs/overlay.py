@@ -561,7 +561,7 @@ class MergedView:
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         fd = self._prepare_entry(parent, name)
         try:
-            file_fd = os.open(name, (flags & ~os.O_NOFOLLOW) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            file_fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                               stat.S_IMODE(mode), dir_fd=fd)
             os.fchown(file_fd, uid, self._new_gid(parent, gid))
             os.fchmod(file_fd, stat.S_IMODE(mode))
