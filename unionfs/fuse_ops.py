@@ -30,8 +30,6 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # What the kernel's open flags may carry through to the layer file; the rest (FMODE_EXEC,
 # O_LARGEFILE, O_CREAT ...) is the kernel's business, and openat2 refuses bits it does not know.
 PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
-# Reads this large go to a worker thread so one slow disk read never stalls every request.
-THREADED_READ_SIZE = 64 * 1024
 # Copy-ups of files this large copy their data in a worker thread.
 THREADED_COPY_SIZE = 1 << 20
 
@@ -205,6 +203,8 @@ class LayerOperations(pyfuse3.Operations):
                 fd = self.view.open_file(node, flags & PASSED_FLAGS)
         else:
             fd = self.view.open_file(node, flags & PASSED_FLAGS)
+            # The kernel reads a FUSE file in 128 KiB requests; a wider host readahead keeps the disk busy.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if not node.child.in_upper:
                 self._lower_fds.setdefault(node.ino, set()).add(fd)
         self._fd_inode[fd] = node.ino
@@ -233,8 +233,9 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def read(self, fh, off, size):
-        if size >= THREADED_READ_SIZE:
-            return await trio.to_thread.run_sync(os.pread, fh, size, off)
+        # Inline, not in a worker thread: a FUSE read is at most 128 KiB and the host's
+        # readahead runs ahead of it, so the hand-off to a thread would cost more than
+        # the read (measured: 266 MB/s through threads, 494 MB/s inline, cold 256 MiB).
         return os.pread(fh, size, off)
 
     @_fuse_boundary
