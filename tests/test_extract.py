@@ -162,10 +162,6 @@ def gnu_sparse(name: str, real_size: int, segments: list[tuple[int, bytes]]) -> 
     return b"".join(blocks) + pad(b"".join(chunk for _, chunk in segments))
 
 
-def end_of_archive() -> bytes:
-    return b"\0" * 1024
-
-
 def xattr(path: Path, name: str) -> bytes:
     return os.getxattr(path, name, follow_symlinks=False)
 
@@ -449,6 +445,14 @@ def test_out_of_range_owner_is_an_image_error(box):
         extract(box, tar_of((info, b"")))
 
 
+@pytest.mark.parametrize("mtime", ["NaN", "1e400", "-1e30", "soon"])
+def test_unusable_pax_mtime_is_an_image_error(box, mtime):
+    info, _ = file("a")
+    info.pax_headers = {"mtime": mtime}
+    with pytest.raises(ImageError, match=r"member 'a': mtime .* out of range"):
+        extract(box, tar_of((info, b"")))
+
+
 # ---- metadata ----------------------------------------------------------------------------
 @as_root
 def test_metadata_as_root(box):
@@ -458,7 +462,7 @@ def test_metadata_as_root(box):
     fractional, _ = file("frac", mtime=0)
     fractional.pax_headers = {"mtime": "1234567890.123456789"}
     stats = extract(box, tar_of(
-        directory("tmp", mode=0o1777, mtime=1_100_000_000), (info, b"#!"), (fractional, b""),
+        directory("tmp", mode=0o1777, mtime=1_100_000_000), file("tmp/later", b"l"), (info, b"#!"), (fractional, b""),
         symlink("bin/sh", "su", uid=42, gid=43, mtime=1_200_000_000), directory("bin", mode=0o2755, uid=3, gid=4),
     ), rootless=False)
     su, tmp, sh, bin_dir = (os.lstat(box.dest / name) for name in ("bin/su", "tmp", "bin/sh", "bin"))

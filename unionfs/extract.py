@@ -39,7 +39,7 @@ MAX_EXTENDED_HEADER = 8 << 20
 # so a small LRU saves nearly every re-walk without nearing RLIMIT_NOFILE.
 DIR_CACHE_SIZE = 128
 MAX_ID = 0xFFFFFFFE        # (uid_t)-1 means "unchanged" to chown(2)
-MAX_MTIME_NS = 1 << 63
+MAX_MTIME_SECONDS = (1 << 63) // 1_000_000_000   # what nanoseconds in an int64 can hold
 
 DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -78,7 +78,7 @@ def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bo
         rootless = os.geteuid() != 0
     extractor = _Extractor(dest, rootless)
     try:
-        tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo), "at its start")
+        tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo))
         with contextlib.closing(tar):
             for member in _members(tar):
                 extractor.add(tar, member)
@@ -124,13 +124,17 @@ def _blame(member: str) -> Iterator[None]:
         raise ImageError(f"member '{_shown(member)}': {exc.strerror or exc}") from None
 
 
-def _read_tar(read: Callable, where: str):
-    """Call a tarfile read; any failure of it means the archive is damaged (or its stream is)."""
+def _read_tar(read: Callable, relation: str = "", member: tarfile.TarInfo | None = None):
+    """Call a tarfile read; any failure of it means the archive (or its stream) is damaged.
+
+    ``relation`` ("in", "after") and ``member`` say where, for the message.
+    """
     try:
         return read()
     except LayermountError:
         raise
     except Exception as exc:   # tarfile surfaces damage as TarError, ValueError, EOFError, RecursionError ...
+        where = f"{relation} member '{_shown(member.name)}'" if member is not None else "at its start"
         raise ImageError(f"corrupt tar {where}: {exc or type(exc).__name__}") from None
 
 
@@ -162,8 +166,7 @@ class _StrictTarInfo(tarfile.TarInfo):
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     previous = None
     while True:
-        where = f"after member '{_shown(previous.name)}'" if previous else "at its first member"
-        member = _read_tar(tar.next, where)
+        member = _read_tar(tar.next, "after", previous)
         if member is None:
             return
         # tarfile keeps every member for name lookups we never make; a layer of
@@ -200,14 +203,14 @@ class _Meta:
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
-    """The mtime in ns, exact for pax decimal times (a float would round them)."""
-    text = member.pax_headers.get("mtime", member.mtime)
+    """The mtime in ns, exact for pax decimal times (tarfile's float would round them)."""
+    text = member.pax_headers.get("mtime")
     try:
-        seconds = Decimal(text)
-        if not abs(seconds) < Decimal(MAX_MTIME_NS) / 1_000_000_000:
+        seconds = Decimal(text) if text is not None else member.mtime
+        if not -MAX_MTIME_SECONDS < seconds < MAX_MTIME_SECONDS:   # NaN raises InvalidOperation here
             raise InvalidOperation
-    except (InvalidOperation, ValueError, TypeError):
-        raise _Unusable(f"mtime {text!r} out of range") from None
+    except InvalidOperation:
+        raise _Unusable(f"mtime {text or member.mtime!r} out of range") from None
     return int(seconds * 1_000_000_000)
 
 
@@ -322,7 +325,7 @@ class _Extractor:
             source.seek(offset)
             os.lseek(fd, offset, os.SEEK_SET)
             while length:
-                chunk = _read_tar(lambda: source.read(min(CHUNK, length)), f"in member '{_shown(member.name)}'")
+                chunk = _read_tar(lambda: source.read(min(CHUNK, length)), "in", member)
                 if not chunk:
                     raise ImageError(f"corrupt tar in member '{_shown(member.name)}': unexpected end of data")
                 _write_all(fd, chunk)
@@ -358,14 +361,13 @@ class _Extractor:
 
     def _hardlink(self, parts: list[bytes], linkname: str) -> None:
         target = _components(linkname, f"hardlink target '{_shown(linkname)}'")
-        target_path = b"/".join(target)
-        if target == parts and self.is_dir.get(target_path) is False:
-            return                 # a link to itself: already what the member asks for
-        kind = self.is_dir.get(target_path)
-        if kind is None:
+        target_is_dir = self.is_dir.get(b"/".join(target))
+        if target_is_dir is None:
             raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)")
-        if kind:
+        if target_is_dir:
             raise _Hostile(f"hardlink to directory '{_shown(linkname)}'")
+        if target == parts:
+            return                 # a link to itself: already what the member asks for
         # Resolving the link's own parent may evict the target's from the cache.
         target_dir = os.dup(self._parent_fd(target, create=False))
         try:
@@ -525,7 +527,9 @@ class _Extractor:
             self.is_dir[path] = True
             self.pending_dirs[path] = _Meta(os.fsdecode(path), 0, 0, 0o755, None)
             child = os.open(name, DIR_OPEN_FLAGS, dir_fd=parent)
-        except NotADirectoryError:
+        except OSError as exc:     # O_NOFOLLOW|O_DIRECTORY on a symlink: ENOTDIR, or ELOOP on some kernels
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
             shown = _shown(os.fsdecode(path))
             if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
                 raise _Hostile(f"parent '{shown}' is a symlink") from None
