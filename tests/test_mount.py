@@ -201,3 +201,16 @@ def test_daemon_never_follows_a_layer_symlink(mounts, tmp_path):
     # And the other order: the symlink wins and is served as a symlink, not followed by the daemon.
     point2 = mounts.mount_lowers([lower, upper], mountpoint=mounts.mountpoint("mnt2"))
     assert os.readlink(point2 / "etc") == str(secret)
+
+
+def test_explain_tells_the_lookup_step_by_step(mounts, two_layers):
+    point = mounts.mount_lowers(two_layers)
+    gone = run_layermount("explain", point / "etc/gone")
+    assert gone.returncode == 0, gone.stderr
+    assert "whiteout etc/.wh.gone: the layers below are not looked at" in gone.stdout
+    assert "does not exist in the merged view" in gone.stdout
+    hidden = run_layermount("explain", point / "opq/old").stdout
+    assert "opaque directory /opq" in hidden
+    assert "a directory from layer 2" in hidden and "merged with" not in hidden.split("/opq/old:")[0]
+    seen = run_layermount("explain", point / "usr/bin/tool").stdout
+    assert "the copy in layer 1" in seen

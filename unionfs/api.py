@@ -118,16 +118,6 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
 
 # ---- provenance ---------------------------------------------------------------
 
-@dataclass
-class LayerVerdict:
-    """What one layer says about a path."""
-
-    index: int            # 1 = bottom layer, as in build steps
-    name: str
-    has: str | None       # "file", "directory", "symlink", ... or None
-    note: str             # "wins", "hidden by ...", "whiteout", ...
-
-
 def find_mount(path: str) -> tuple[str, str]:
     """(mountpoint, path inside it) of the layermount mount that holds ``path``."""
     real = os.path.realpath(os.path.abspath(path)) if os.path.lexists(path) else os.path.abspath(path)
@@ -148,96 +138,6 @@ def mount_stack(mountpoint: str) -> list[dict]:
         return json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
     except OSError as exc:
         raise MountError(f"{mountpoint}: cannot ask the daemon for its layers: {exc.strerror}") from None
-
-
-def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
-    """For each layer (top first) whether it has ``relpath``, and which copy the merge shows."""
-    view = MergedView([Layer.open(entry["path"], entry["name"], overlay_form=True) for entry in stack])
-    try:
-        sources, blocked_by = _resolve(view, relpath)
-        verdicts = []
-        parent, name = os.path.split(relpath)
-        for position, layer in enumerate(view.layers):
-            if layer is None:
-                continue
-            number = len(view.layers) - position
-            has = _kind_in_layer(layer, relpath)
-            marks = _markers_in_layer(layer, parent, name)
-            if position in sources:
-                note = "wins" if position == sources[0] else "merged into the directory above"
-            elif marks:
-                note = marks
-            elif has is None:
-                note = "-"
-            elif blocked_by is not None and position > blocked_by[0]:
-                note = f"hidden: {blocked_by[1]}"
-            elif sources:
-                note = f"hidden by layer {len(view.layers) - sources[0]}"
-            else:
-                note = "hidden"
-            verdicts.append(LayerVerdict(number, layer.name, has, note))
-        return verdicts
-    finally:
-        view.close()
-
-
-def _resolve(view: MergedView, relpath: str) -> tuple[list[int], tuple[int, str] | None]:
-    """The layers that make ``relpath`` in the merge, and what first hid it, if anything."""
-    node = view.root
-    parts = [part for part in relpath.split("/") if part]
-    for depth, part in enumerate(parts):
-        child = view.listing(node).get(os.fsencode(part))
-        if child is None:
-            return [], _first_blocker(view, "/".join(parts[:depth]), part, node.sources)
-        node = view.remember(node, child)
-    return list(node.sources), None
-
-
-def _first_blocker(view: MergedView, parent: str, name: str, sources: tuple[int, ...]) -> tuple[int, str] | None:
-    for position in sources:
-        marks = _markers_in_layer(view.layers[position], parent, name)
-        if marks:
-            return position, f"{marks} in layer {len(view.layers) - position}"
-    return None
-
-
-def _kind_in_layer(layer: Layer, relpath: str) -> str | None:
-    parent, name = os.path.split(relpath)
-    try:
-        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        st = os.stat(name or ".", dir_fd=fd, follow_symlinks=False)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    kinds = {stat.S_IFDIR: "directory", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
-             stat.S_IFCHR: "char device", stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo",
-             stat.S_IFSOCK: "socket"}
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return "whiteout (overlay form)"
-    return kinds.get(stat.S_IFMT(st.st_mode), "other")
-
-
-def _markers_in_layer(layer: Layer, parent: str, name: str) -> str:
-    """Whiteout or opaque markers in this layer that hide ``name`` below it."""
-    try:
-        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return ""
-    try:
-        found = []
-        with contextlib.suppress(OSError):
-            os.stat(whiteout_name(name), dir_fd=fd, follow_symlinks=False)
-            found.append(f"whiteout {os.path.join(parent, whiteout_name(name))}")
-        with contextlib.suppress(OSError):
-            os.stat(OPAQUE_MARKER, dir_fd=fd, follow_symlinks=False)
-            found.append(f"opaque directory /{parent}")
-        return ", ".join(found)
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

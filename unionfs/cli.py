@@ -11,8 +11,9 @@ from . import __version__, api
 from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
+from .provenance import explain_lines, explain_path
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "diff", "commit", "history", "run")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
@@ -21,6 +22,7 @@ layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
 layermount run [--upper DIR] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
+layermount explain MOUNTPOINT/PATH             the lookup of a path told step by step
 layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
 layermount commit IMAGE UPPER -o NEW.tar       a new image: IMAGE plus the upper as one more layer
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
@@ -88,6 +90,9 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--platform")
     inspect.add_argument("--image", dest="ref")
+
+    explain = commands.add_parser("explain", help="the lookup of a path told step by step")
+    explain.add_argument("path")
 
     history = commands.add_parser("history", help="the build steps, top first, as docker history shows them")
     history.add_argument("image", metavar="IMAGE")
@@ -201,6 +206,12 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return _which(args.path)
     if args.command == "history":
         return _history(args)
+    if args.command == "explain":
+        mountpoint, inside = api.find_mount(args.path)
+        print(f"Looking up /{inside} in {mountpoint}, top layer first:")
+        for line in explain_lines(api.mount_stack(mountpoint), inside):
+            print(line)
+        return 0
     if args.command == "store":
         return _store(args)
     if args.command == "commit":
@@ -267,7 +278,7 @@ def _history(args: argparse.Namespace) -> int:
 
 def _which(path: str) -> int:
     mountpoint, inside = api.find_mount(path)
-    verdicts = api.explain_path(api.mount_stack(mountpoint), inside)
+    verdicts = explain_path(api.mount_stack(mountpoint), inside)
     print(f"/{inside}  (mount {mountpoint}, layers top first)")
     for verdict in verdicts:
         name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name

@@ -249,6 +249,11 @@ class MergedView:
                 fds.append(fd)
                 listings.append(listing)
                 scans.append(entries)
+            opaque_at = next((p for p, listing in enumerate(listings) if listing is not None and listing.opaque), None)
+            if opaque_at is not None and opaque_at + 1 < len(node.sources):
+                # An opaque copy ends the directory: what lies below it never contributes.
+                node.child.sources = node.sources[:opaque_at + 1]
+                listings, scans = listings[:opaque_at + 1], scans[:opaque_at + 1]
             children: dict[bytes, Child] = {}
             for name, entry in merge(listings).items():
                 position = entry.sources[0]
