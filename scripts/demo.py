@@ -117,7 +117,7 @@ def main() -> None:
         mounted.remove(web)
         layermount("commit", images["web"], work / "web-upper", "-o", work / "web-v2.tar",
                    "-m", "RUN edit os-release && rm greet")
-        layermount("inspect", work / "web-v2.tar")
+        layermount("history", work / "web-v2.tar", "--store", store)
         v2 = work / "v2-root"
         v2.mkdir()
         layermount(work / "web-v2.tar", v2, "--store", store, "--read-only")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
+import tarfile
 
 import pytest
 
 import images
 from conftest import LAYERMOUNT, run_layermount
 from oracle import diff_snapshots, kernel_overlay, snapshot
+from unionfs.image.writer import Dir, File, Opaque, Symlink, Whiteout, layer_tar, new_config, write_image
 from unionfs.store import LayerStore
 
 
@@ -204,3 +207,30 @@ def test_history_lists_steps_top_first_and_what_the_store_has(tmp_path, store_di
     run_layermount("unpack", image, "--store", store_dir, "-q", check=True)
     after = run_layermount("history", image, "--store", store_dir).stdout.splitlines()
     assert all(" yes " in line for line in after[1:5])
+
+
+def test_lint_reports_odd_and_dangerous_members(tmp_path):
+    odd = [Dir("srv", mode=0o777), File("srv/a", b"a"), Whiteout("srv/a"), Opaque("opt"), Whiteout("opt/x"),
+           Symlink("etc/up", "../../../host"), File("bin/su", b"x", mode=0o4755)]
+    hostile = io.BytesIO()
+    with tarfile.open(fileobj=hostile, mode="w") as tar:
+        for name in ("../escape", "ok/.wh."):
+            tar.addfile(tarfile.TarInfo(name))
+        link = tarfile.TarInfo("ok/link")
+        link.type, link.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        tar.addfile(link)
+    write_image(tmp_path / "odd.tar", [layer_tar(images.BASE), layer_tar(odd), hostile.getvalue()],
+                new_config(["base", "odd", "hostile"]))
+    result = run_layermount("lint", tmp_path / "odd.tar")
+    assert result.returncode == 1
+    out = result.stdout
+    for expected in ("layer 2: /srv/.wh.a: whiteout for /srv/a, which this same layer also adds",
+                     "layer 2: /opt/.wh.x: whiteout inside an opaque directory",
+                     "layer 2: /etc/up: symlink to '../../../host' climbs above the image root",
+                     "layer 2: /srv: world-writable directory without the sticky bit",
+                     "warning: layer 2: /bin/su: setuid file", "warning: layer 1: /dev/null: device node 1:3",
+                     "error: layer 3: /../escape: member name leaves the layer", "error: layer 3: /ok/.wh.: whiteout of nothing",
+                     "error: layer 3: /ok/link: hardlink to '/etc/passwd', outside the layer", "3 errors"):
+        assert expected in out, f"{expected!r} not in:\n{out}"
+    clean = images.build(tmp_path / "clean.tar", layers=[images.INSTALL])
+    assert run_layermount("lint", clean).returncode == 0

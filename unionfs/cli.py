@@ -13,7 +13,8 @@ from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 from .provenance import explain_lines, explain_path
 
-SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run")
+SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run",
+               "lint")
 
 MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
@@ -27,6 +28,7 @@ layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C
 layermount commit IMAGE UPPER -o NEW.tar       a new image: IMAGE plus the upper as one more layer
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
 layermount history IMAGE                       the build steps, top first, and which layers the store has
+layermount lint IMAGE                          what is odd or dangerous in the layers, before mounting
 layermount store ls | gc | rm IMAGE            the shared layer store"""
 
 
@@ -90,6 +92,11 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--platform")
     inspect.add_argument("--image", dest="ref")
+
+    lint = commands.add_parser("lint", help="report what is odd or dangerous in an image's layers")
+    lint.add_argument("image", metavar="IMAGE")
+    lint.add_argument("--platform")
+    lint.add_argument("--image", dest="ref")
 
     explain = commands.add_parser("explain", help="the lookup of a path told step by step")
     explain.add_argument("path")
@@ -206,6 +213,15 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return _which(args.path)
     if args.command == "history":
         return _history(args)
+    if args.command == "lint":
+        from .lint import ERROR, lint_image
+
+        findings = lint_image(api.load_image([args.image], platform=args.platform, ref=args.ref))
+        for finding in findings:
+            print(finding)
+        errors = sum(finding.severity == ERROR for finding in findings)
+        print(f"{errors} errors, {len(findings) - errors} warnings")
+        return 1 if errors else 0
     if args.command == "explain":
         mountpoint, inside = api.find_mount(args.path)
         print(f"Looking up /{inside} in {mountpoint}, top layer first:")
