@@ -234,3 +234,32 @@ def test_lint_reports_odd_and_dangerous_members(tmp_path):
         assert expected in out, f"{expected!r} not in:\n{out}"
     clean = images.build(tmp_path / "clean.tar", layers=[images.INSTALL])
     assert run_layermount("lint", clean).returncode == 0
+
+
+def test_time_travel_shows_the_image_after_each_step(mounts, tmp_path, store_dir):
+    image = images.build(tmp_path / "image.tar")
+    root = mounts.mount(image, "-q")
+    assert ".layers" not in os.listdir(root)
+    layers = root / ".layers"
+    names = os.listdir(layers)
+    assert {"1", "2", "3", "4"} <= set(names) and len(names) == 8
+    assert (layers / "1/etc/os-release").read_bytes() == b"ID=base\n"
+    assert (layers / "4/etc/os-release").read_bytes() == b"ID=demo\n"
+    assert (layers / "1/var/lib/app/cache").exists() and not (layers / "4/var/lib/app/cache").exists()
+    assert not (layers / "1/usr/bin/app").exists() and (layers / "2/usr/bin/app").exists()
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(layers / "3"), str(layers / "4")],
+                          capture_output=True, text=True)
+    assert "Only in" in diff.stdout and diff.returncode == 1
+    store = LayerStore(store_dir)
+    first = next(r for r in store.images())["layers"][0]
+    assert os.readlink(layers / first[7:19]) == "1"
+    with pytest.raises(OSError) as caught:
+        (layers / "4/new-file").write_text("x")
+    assert caught.value.errno == 30   # EROFS: history is read-only
+    (root / "etc/os-release").write_text("changed\n")
+    assert (layers / "4/etc/os-release").read_bytes() == b"ID=demo\n"
+
+
+def test_no_layers_dir_when_asked(mounts, tmp_path):
+    root = mounts.mount(images.build(tmp_path / "image.tar"), "-q", "--no-layers-dir")
+    assert not (root / ".layers").exists()

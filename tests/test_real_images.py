@@ -215,11 +215,10 @@ def debian(tmp_path_factory) -> DebianImages:
     started = time.monotonic()
     cache = tmp_path_factory.mktemp("debian-cache")
     rootfs = cache / "rootfs"
-    if os.environ.get("DEVHACK_ROOTFS"):
-        sh("cp", "-a", os.environ["DEVHACK_ROOTFS"], rootfs)
-    else:
-        sh("debootstrap", "--variant=minbase", SUITE, rootfs, debian_mirror(), timeout=900)
+    sh("debootstrap", "--variant=minbase", SUITE, rootfs, debian_mirror(), timeout=900)
     for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+        if deb.name.startswith("hostname_"):
+            shutil.copy(deb, cache / "hostname.deb")        # a package for dpkg -i in the chroot workload
         deb.unlink()
     layer1 = cache / "layer1.tar"
     sh("tar", "--create", "--file", layer1, "--format=pax", "--numeric-owner", "--xattrs", "--xattrs-include=*",
@@ -330,13 +329,10 @@ def test_unpack_matches_umoci_unpack(debian, umoci_rootfs, mounts, store_dir, fo
     result = run_layermount("unpack", image, "--store", store_dir, *extra, timeout=600)
     assert result.returncode == 0, result.stderr
     point = mounts.mount(image, "--read-only", "-q", *extra)
-    ours = snapshot(point, mtimes=True)
-    theirs = snapshot(umoci_rootfs, mtimes=True)
-    # umoci creates the rootfs directory itself (0755 on this umoci) before applying any layer,
-    # and does not apply the "./" member of layer 1 to it; the root's own mode is the bundle's
-    # business, not the image's, so the root entry's mode is left out of the comparison.
-    ours["."].pop("mode"), theirs["."].pop("mode")
-    differences = diff_snapshots(ours, theirs, ("layermount", "umoci"))
+    # No field needs excluding: layer 1 has a "./" member, which both apply to the root directory
+    # (and without one, umoci 0.4.7 makes its rootfs root 0755 root:root, which layermount shows too).
+    differences = diff_snapshots(snapshot(point, mtimes=True), snapshot(umoci_rootfs, mtimes=True),
+                                 ("layermount", "umoci"))
     assert not differences, "\n".join(differences[:60])
     assert (point / "etc/os-release").read_text().count(PRETTY) == 1
     assert not (point / "usr/share/doc").exists() and not (point / "etc/motd").exists()
@@ -373,6 +369,8 @@ def test_chroot_writes_then_commit(debian, shared_mounts, tmp_path):
     assert (point / "tmp/x").read_text() == "hi\n" and not (point / "usr/share/man").exists()
     written = snapshot(point, mtimes=False)
     shared_mounts.umount(point)
+    changes = run_layermount("diff", upper).stdout.splitlines()
+    assert "A /tmp/x" in changes and "D /usr/share/man" in changes, changes
 
     new = tmp_path / "committed.tar"
     result = run_layermount("commit", image, upper, "-o", new, timeout=600)
@@ -384,6 +382,77 @@ def test_chroot_writes_then_commit(debian, shared_mounts, tmp_path):
     assert not differences, "\n".join(differences[:60])
     assert (committed / "tmp/x").read_text() == "hi\n"
     assert "dpkg" in chroot(committed, "dpkg --version").stdout
+
+
+WORKLOAD = """
+set -e
+dpkg -i /tmp/hostname.deb >/dev/null
+dpkg --purge --force-depends e2fsprogs >/dev/null 2>&1
+useradd -m bob
+sed -i 's/^bob:/bob2:/' /etc/passwd
+ldconfig
+mv /usr/share/locale /usr/share/locale-moved
+cp -a /usr/share/zoneinfo/Europe /opt/europe
+ln /usr/bin/dpkg /usr/bin/dpkg-hardlink
+echo appended >> /usr/bin/dpkg-hardlink
+chmod 4711 /usr/bin/dpkg-query
+chown 1000:1000 /etc/hostname
+rm -rf /var/lib/apt/lists/*Packages*
+mkdir -p /srv/a/b/c && echo deep > /srv/a/b/c/file && mv /srv/a /srv/z
+rm -rf /etc/skel && mkdir /etc/skel && echo new > /etc/skel/new
+ln -sf /nowhere /etc/dangling
+mkfifo /run/fifo
+truncate -s 1M /var/tmp/sparse
+rm /tmp/hostname.deb
+"""
+
+
+def test_chroot_workload_leaves_what_kernel_overlayfs_leaves(debian, shared_mounts, tmp_path):
+    """dpkg -i/--purge, useradd, sed -i, ldconfig, renames of lower dirs, hardlinks, chmod/chown: same tree."""
+    image = debian.images["docker"]
+    upper = tmp_path / "kernel-upper"
+    upper.mkdir()
+    with kernel_overlay(store_layer_dirs(shared_mounts.store, image), tmp_path / "kernel", upper=upper) as kernel:
+        shutil.copy(debian.cache / "hostname.deb", kernel / "tmp/hostname.deb")
+        chroot(kernel, WORKLOAD)
+        expected = snapshot(kernel, mtimes=False)
+    point = shared_mounts.mount(image, "--dev", "-q")       # the kernel's overlay allows devices (/dev/null)
+    shutil.copy(debian.cache / "hostname.deb", point / "tmp/hostname.deb")
+    chroot(point, WORKLOAD)
+    seen = snapshot(point, mtimes=False)
+    # Contents that differ by nature: dpkg's log has times, ldconfig's aux-cache records st_dev/st_ino.
+    for rel in ("var/log/dpkg.log", "var/cache/ldconfig/aux-cache"):
+        for picture in (expected, seen):
+            picture[rel].pop("sha256"), picture[rel].pop("size")
+    differences = diff_snapshots(seen, expected, ("layermount", "kernel"))
+    assert not differences, "\n".join(differences[:60])
+
+
+UNLINKED_FILE_BUG = (
+    "BUG: a file opened, unlinked and then written reports the size it had at unlink time (fstat gives 0, "
+    "reads past it return EOF): getattr of an unlinked node answers node.attr, the stat cached before the "
+    "unlink (overlay.View.attr), not the open file's. apt-get's clearsigned-message temp file hits it")
+
+
+@pytest.mark.xfail(strict=True, reason=UNLINKED_FILE_BUG)
+def test_apt_reads_back_an_open_unlinked_temp_file(debian, shared_mounts, tmp_path):
+    """apt-get (open O_EXCL in /tmp, unlink, write, rewind, read back) works on kernel overlayfs, not here."""
+    image = debian.images["docker"]
+    upper = tmp_path / "kernel-upper"
+    upper.mkdir()
+    with kernel_overlay(store_layer_dirs(shared_mounts.store, image), tmp_path / "kernel", upper=upper) as kernel:
+        assert "Reading package lists" in chroot(kernel, "apt-get check").stdout
+    point = shared_mounts.mount(image, "-q")
+    path = point / "tmp/unlinked"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.unlink(path)
+        os.write(fd, b"x" * 10000)
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert (os.fstat(fd).st_size, len(os.read(fd, 20000))) == (10000, 10000)
+    finally:
+        os.close(fd)
+    chroot(point, "apt-get check")
 
 
 def test_second_image_reuses_the_base_layer(debian, debian_store, tmp_path):

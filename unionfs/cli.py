@@ -63,6 +63,8 @@ def _mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upper", metavar="DIR", help="keep changes in DIR (a later mount with it shows them "
                         "again); default: a throw-away upper removed at unmount")
     parser.add_argument("--read-only", action="store_true", help="no upper layer: every write fails with EROFS")
+    parser.add_argument("--no-layers-dir", action="store_true",
+                        help="no /.layers/N (the image as it stood after build step N)")
     parser.add_argument("--whiteout-format", choices=("overlay", "oci"),
                         help="how deletions are written in an -o upperdir= upper (default overlay; image mounts: oci)")
     parser.add_argument("--version", action="version", version=f"layermount {__version__}")
@@ -166,7 +168,7 @@ def _run_mount(args: argparse.Namespace) -> int:
     named, passthrough = _split_mount_options(args.options)
     options = MountOptions(mountpoint="", foreground=args.foreground or args.debug, debug=args.debug,
                            allow_other=args.allow_other, suid=args.suid, dev=args.dev, log_file=args.log,
-                           read_only=args.read_only or "ro" in passthrough,
+                           read_only=args.read_only or "ro" in passthrough, layers_dir=not args.no_layers_dir,
                            extra_options=[option for option in passthrough if option not in ("ro", "rw")])
     if "lowerdir" in named:
         if len(args.paths) != 1:

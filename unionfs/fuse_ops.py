@@ -18,6 +18,7 @@ import trio
 
 from .overlay import HIDDEN_XATTR_PREFIXES, Attr, Child, MergedView, Node
 from .safepath import fd_path
+from .timetravel import LAYERS_DIR_INO, LAYERS_NAME, VIRTUAL_TAG, LayerCuts
 
 log = logging.getLogger("layermount")
 
@@ -54,6 +55,8 @@ def _mutating(handler):
     worker thread without another change slipping in; reads go on meanwhile."""
     @functools.wraps(handler)
     async def wrapper(self, *args, **kwargs):
+        if any(isinstance(arg, int) and LayerCuts.is_tagged(arg) for arg in args):
+            raise pyfuse3.FUSEError(errno.EROFS)   # /.layers is history: read-only
         async with self._mutation:
             return await handler(self, *args, **kwargs)
     return wrapper
@@ -62,11 +65,13 @@ def _mutating(handler):
 class _DirHandle:
     """A snapshot of a listing taken at opendir, so offsets stay stable while reading."""
 
-    __slots__ = ("node", "entries")
+    __slots__ = ("node", "entries", "view", "tag")
 
-    def __init__(self, node: Node, entries: list):
+    def __init__(self, node: Node | None, entries: list, view: MergedView | None, tag: int):
         self.node = node
         self.entries = entries
+        self.view = view    # None for /.layers itself
+        self.tag = tag
 
 
 class LayerOperations(pyfuse3.Operations):
@@ -74,9 +79,10 @@ class LayerOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, view: MergedView):
+    def __init__(self, view: MergedView, layers_dir: bool = True):
         super().__init__()
         self.view = view
+        self.cuts = LayerCuts(view) if layers_dir else None
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
         # fds opened on a lower file, by inode: repointed at the copy when it is copied up,
@@ -111,11 +117,36 @@ class LayerOperations(pyfuse3.Operations):
     def _upper_dev(self) -> int | None:
         return os.fstat(self.view.upper.root_fd).st_dev if self.view.upper is not None else None
 
-    def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _node_entry(self, node: Node, tag: int = 0) -> pyfuse3.EntryAttributes:
         if node.unlinked or node.child.in_upper:
             attr = self.view.attr(node)
             return self._entry(node.ino, attr, attr.is_dir and len(node.sources) > 1)
-        return self._child_entry(node.ino, node.child)
+        return self._child_entry(tag | node.ino, node.child)
+
+    def _locate(self, inode: int) -> tuple[MergedView, int, Node]:
+        """(view, inode tag, node): the live view, or the /.layers cut the inode belongs to."""
+        if not LayerCuts.is_tagged(inode):
+            return self.view, 0, self.view.node(inode)
+        number, local = LayerCuts.split(inode)
+        if self.cuts is None or not 1 <= number <= self.cuts.count:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        view = self.cuts.view(number)
+        return view, LayerCuts.tag(number), view.node(local)
+
+    def _virtual_entry(self, inode: int) -> pyfuse3.EntryAttributes:
+        """/.layers itself (a directory) and its short-digest aliases (symlinks)."""
+        root = self.view.root.attr
+        entry = self._entry(inode, root, False)
+        if inode == LAYERS_DIR_INO:
+            entry.st_mode, entry.st_nlink, entry.st_size = stat.S_IFDIR | 0o555, 2 + self.cuts.count, 0
+        else:
+            target = self.cuts.alias_target(inode)
+            entry.st_mode, entry.st_nlink, entry.st_size = stat.S_IFLNK | 0o777, 1, len(target or b"")
+        entry.st_uid = entry.st_gid = 0
+        return entry
+
+    def _is_virtual(self, inode: int) -> bool:
+        return self.cuts is not None and LayerCuts.split(inode)[0] == VIRTUAL_TAG
 
     def _child_entry(self, ino: int, child: Child) -> pyfuse3.EntryAttributes:
         """Lower entries never change: their reply is built once and reused (readdir replays it often)."""
@@ -126,54 +157,80 @@ class LayerOperations(pyfuse3.Operations):
     # ---- lookups ---------------------------------------------------------
     @_fuse_boundary
     async def lookup(self, parent_inode, name, ctx=None):
-        parent = self.view.node(parent_inode)
+        if self._is_virtual(parent_inode):
+            found = self.cuts.entry(name) if parent_inode == LAYERS_DIR_INO else None
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            number, target = found
+            if target is not None:
+                return self._virtual_entry(self.cuts.alias_ino(number))
+            view = self.cuts.view(number)
+            view.root.lookups += 1
+            return self._node_entry(view.root, LayerCuts.tag(number))
+        view, tag, parent = self._locate(parent_inode)
         if name == b".":
             node = parent
         elif name == b"..":
             node = parent.parent or parent
         else:
-            node = self.view.lookup(parent, name)
+            node = view.lookup(parent, name)
             if node is None:
+                if (parent is self.view.root and name == LAYERS_NAME and self.cuts is not None):
+                    return self._virtual_entry(LAYERS_DIR_INO)
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._node_entry(node)
+            return self._node_entry(node, tag)
         node.lookups += 1
-        return self._node_entry(node)
+        return self._node_entry(node, tag)
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
-            self.view.forget(ino, count)
+            if not LayerCuts.is_tagged(ino):
+                self.view.forget(ino, count)
+            elif self.cuts is not None and not self._is_virtual(ino):
+                number, local = LayerCuts.split(ino)
+                if 1 <= number <= self.cuts.count:
+                    self.cuts.view(number).forget(local, count)
 
     @_fuse_boundary
     async def getattr(self, inode, ctx=None):
-        return self._node_entry(self.view.node(inode))
+        if self._is_virtual(inode):
+            return self._virtual_entry(inode)
+        view, tag, node = self._locate(inode)
+        return self._node_entry(node, tag)
 
     @_fuse_boundary
     async def readlink(self, inode, ctx):
-        return self.view.readlink(self.view.node(inode))
+        if self._is_virtual(inode):
+            return self.cuts.alias_target(inode)
+        view, _, node = self._locate(inode)
+        return view.readlink(node)
 
     # ---- directories -----------------------------------------------------
     @_fuse_boundary
     async def opendir(self, inode, ctx):
-        node = self.view.node(inode)
-        listing = self.view.listing(node)
         handle = self._next_dir_handle
         self._next_dir_handle += 1
-        self._dir_handles[handle] = _DirHandle(node, list(listing.values()))
+        if inode == LAYERS_DIR_INO and self.cuts is not None:
+            self._dir_handles[handle] = _DirHandle(None, self.cuts.entries, None, 0)
+            return handle
+        view, tag, node = self._locate(inode)
+        self._dir_handles[handle] = _DirHandle(node, list(view.listing(node).values()), view, tag)
         return handle
 
     @_fuse_boundary
     async def readdir(self, fh, start_id, token):
         handle = self._dir_handles[fh]
-        node = handle.node
+        if handle.view is None:
+            return self._readdir_layers(handle, start_id, token)
+        node, view, tag = handle.node, handle.view, handle.tag
         # Offsets: 1 is ".", 2 is "..", 3+i is entries[i].
         if start_id < 1:
-            if not pyfuse3.readdir_reply(token, b".", self._node_entry(node), 1):
+            if not pyfuse3.readdir_reply(token, b".", self._node_entry(node, tag), 1):
                 return
         if start_id < 2:
             parent = node.parent or node
-            if not pyfuse3.readdir_reply(token, b"..", self._node_entry(parent), 2):
+            if not pyfuse3.readdir_reply(token, b"..", self._node_entry(parent, tag), 2):
                 return
-        view = self.view
         entries = handle.entries
         for index in range(max(start_id - 2, 0), len(entries)):
             child = entries[index]
@@ -182,10 +239,23 @@ class LayerOperations(pyfuse3.Operations):
                 ino = view.ino_for(child.attr)
                 attr = self._entry(ino, child.attr, child.is_merged_dir)
             else:
-                attr = self._child_entry(view.ino_for(child.attr), child)
+                attr = self._child_entry(tag | view.ino_for(child.attr), child)
             if not pyfuse3.readdir_reply(token, child.name, attr, index + 3):
                 return
             view.remember(node, child)
+
+    def _readdir_layers(self, handle: "_DirHandle", start_id: int, token) -> None:
+        """/.layers lists 1 … N and the short-digest aliases; replies count as lookups of the cuts' roots."""
+        for index in range(start_id, len(handle.entries)):
+            name, number, target = handle.entries[index]
+            if target is not None:
+                attr = self._virtual_entry(self.cuts.alias_ino(number))
+            else:
+                attr = self._node_entry(self.cuts.view(number).root, LayerCuts.tag(number))
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                return
+            if target is None:
+                self.cuts.view(number).root.lookups += 1
 
     @_fuse_boundary
     async def releasedir(self, fh):
@@ -194,7 +264,11 @@ class LayerOperations(pyfuse3.Operations):
     # ---- files -----------------------------------------------------------
     @_fuse_boundary
     async def open(self, inode, flags, ctx):
-        node = self.view.node(inode)
+        view, _, node = self._locate(inode)
+        if view is not self.view:
+            if flags & WRITE_FLAGS:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            return pyfuse3.FileInfo(fh=view.open_file(node, os.O_RDONLY), keep_cache=True)
         if flags & WRITE_FLAGS:
             if not self.view.writable:
                 raise pyfuse3.FUSEError(errno.EROFS)
@@ -393,11 +467,17 @@ class LayerOperations(pyfuse3.Operations):
     # ---- extended attributes ---------------------------------------------
     @_fuse_boundary
     async def getxattr(self, inode, name, ctx):
-        return self.view.xattr(self.view.node(inode), name)
+        if self._is_virtual(inode):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        view, _, node = self._locate(inode)
+        return view.xattr(node, name)
 
     @_fuse_boundary
     async def listxattr(self, inode, ctx):
-        return self.view.xattr_names(self.view.node(inode))
+        if self._is_virtual(inode):
+            return []
+        view, _, node = self._locate(inode)
+        return view.xattr_names(node)
 
     # ---- the filesystem --------------------------------------------------
     @_fuse_boundary

@@ -39,6 +39,7 @@ class MountOptions:
     dev: bool = False
     read_only: bool = False
     log_file: str | None = None
+    layers_dir: bool = True          # /.layers/N: the image after each build step
     extra_options: list[str] = field(default_factory=list)
 
     def fuse_options(self) -> set[str]:
@@ -144,7 +145,7 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
     """Run the FUSE loop until unmounted or signalled; 0 on a clean exit."""
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
                         format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
-    operations = LayerOperations(view)
+    operations = LayerOperations(view, layers_dir=options.layers_dir)
     try:
         pyfuse3.init(operations, options.mountpoint, options.fuse_options())
     except Exception as exc:  # pyfuse3 reports mount failures as RuntimeError
@@ -158,6 +159,8 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
         log.exception("FUSE loop failed")
     finally:
         pyfuse3.close(unmount=unmounted_by_us)
+        if operations.cuts is not None:
+            operations.cuts.close()
         view.close()
         if cleanup is not None:
             cleanup()
