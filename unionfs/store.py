@@ -276,7 +276,9 @@ class LayerStore:
                 uncompressed.drain()
                 compressed.drain()
             except ImageError as exc:
-                raise type(exc)(f"{label}: {exc}") from None
+                prefixed = type(exc)(f"{label}: {exc}")
+                prefixed.__dict__.update(exc.__dict__)   # keeps .member of an UnsafeArchive
+                raise prefixed from None
             except OSError as exc:
                 raise StoreError(f"{label}: cannot write to store {self.root}: {exc.strerror or exc}") from None
         digest, diff_id = compressed.digest, uncompressed.digest
