@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from .overlay import HIDDEN_XATTR_PREFIXES, Layer, MergedView
+from .overlay import HIDDEN_XATTR_PREFIXES, Layer, MergedView, is_overlay_opaque
 from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
@@ -47,7 +47,7 @@ def walk_upper(upper: str) -> Iterator[UpperEntry]:
 
 
 def _walk(dir_fd: int, prefix: str) -> Iterator[UpperEntry]:
-    if _overlay_opaque(dir_fd) and prefix:
+    if is_overlay_opaque(dir_fd) and prefix:
         yield UpperEntry(prefix, "opaque", True)
     for name in sorted(os.listdir(dir_fd)):
         relpath = f"{prefix}/{name}" if prefix else name
@@ -69,16 +69,6 @@ def _walk(dir_fd: int, prefix: str) -> Iterator[UpperEntry]:
                 os.close(child)
         else:
             yield UpperEntry(relpath, "entry", False)
-
-
-def _overlay_opaque(fd: int) -> bool:
-    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
-        try:
-            if os.getxattr(fd, name) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def changes(upper: str, lowers: list[str]) -> list[Change]:

@@ -292,7 +292,7 @@ class MergedView:
         listing = DirListing.from_names(names)
         listing.whiteouts.update(overlay_whiteouts)
         if layer.overlay_form and not listing.opaque:
-            listing.opaque = _is_overlay_opaque(fd)
+            listing.opaque = is_overlay_opaque(fd)
         listing.entries = {os.fsencode(name): is_dir for name, is_dir in listing.entries.items()}
         listing.whiteouts = {os.fsencode(name) for name in listing.whiteouts}
         return fd, listing, entries
@@ -829,7 +829,7 @@ def _is_overlay_whiteout(entry: os.DirEntry) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _is_overlay_opaque(fd: int) -> bool:
+def is_overlay_opaque(fd: int) -> bool:
     for name in OPAQUE_XATTRS:
         try:
             if os.getxattr(fd, name) == b"y":
