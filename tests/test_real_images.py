@@ -428,15 +428,8 @@ def test_chroot_workload_leaves_what_kernel_overlayfs_leaves(debian, shared_moun
     assert not differences, "\n".join(differences[:60])
 
 
-UNLINKED_FILE_BUG = (
-    "BUG: a file opened, unlinked and then written reports the size it had at unlink time (fstat gives 0, "
-    "reads past it return EOF): getattr of an unlinked node answers node.attr, the stat cached before the "
-    "unlink (overlay.View.attr), not the open file's. apt-get's clearsigned-message temp file hits it")
-
-
-@pytest.mark.xfail(strict=True, reason=UNLINKED_FILE_BUG)
 def test_apt_reads_back_an_open_unlinked_temp_file(debian, shared_mounts, tmp_path):
-    """apt-get (open O_EXCL in /tmp, unlink, write, rewind, read back) works on kernel overlayfs, not here."""
+    """apt-get (open O_EXCL in /tmp, unlink, write, rewind, read back) works, as on kernel overlayfs."""
     image = debian.images["docker"]
     upper = tmp_path / "kernel-upper"
     upper.mkdir()

@@ -264,3 +264,20 @@ def test_diff_lists_changes_like_docker_diff(mounts, tmp_path, lowers):
     assert by_mount.stdout.splitlines() == expected
     by_upper = run_layermount("diff", tmp_path / "ours-upper", "--lowerdir", ":".join(map(str, lowers)), "--json")
     assert [f"{c['kind']} {c['path']}" for c in json.loads(by_upper.stdout)] == expected
+
+
+def test_open_deleted_file_keeps_its_data_and_size(mounts, tmp_path, lowers):
+    """apt writes a temp file it has already unlinked, then reads it back."""
+    pair = Pair(mounts, tmp_path, lowers)
+    for root in (pair.ours,):
+        fd = os.open(root / "tmpfile", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.unlink(root / "tmpfile")
+            os.write(fd, b"x" * 10000)
+            os.lseek(fd, 0, os.SEEK_SET)
+            assert os.fstat(fd).st_size == 10000 and os.fstat(fd).st_nlink == 0
+            assert os.read(fd, 20000) == b"x" * 10000
+            os.ftruncate(fd, 10)
+            assert os.fstat(fd).st_size == 10
+        finally:
+            os.close(fd)

@@ -133,6 +133,8 @@ def _add_entry(tar: tarfile.TarFile, upper: str, relpath: str, seen_inodes: dict
     st = os.lstat(path)
     info = tar.gettarinfo(path, arcname=relpath)
     info.uname = info.gname = ""
+    # Exact to the nanosecond (a float mtime would round), as PAX allows.
+    info.pax_headers["mtime"] = f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"
     xattrs = {}
     for key in os.listxattr(path, follow_symlinks=False):
         if not os.fsencode(key).startswith(HIDDEN_XATTR_PREFIXES):

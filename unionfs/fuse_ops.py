@@ -89,6 +89,8 @@ class LayerOperations(pyfuse3.Operations):
         # so a reader that opened before a copy-up sees the writes made after it.
         self._lower_fds: dict[int, set[int]] = {}
         self._fd_inode: dict[int, int] = {}
+        # Every open fd by inode: a deleted file that is still open is known only by them.
+        self._inode_fds: dict[int, set[int]] = {}
         self._mutation = trio.Lock()
 
     # ---- attributes ------------------------------------------------------
@@ -118,7 +120,13 @@ class LayerOperations(pyfuse3.Operations):
         return os.fstat(self.view.upper.root_fd).st_dev if self.view.upper is not None else None
 
     def _node_entry(self, node: Node, tag: int = 0) -> pyfuse3.EntryAttributes:
-        if node.unlinked or node.child.in_upper:
+        if node.unlinked:
+            fd = self._an_open_fd(node)
+            attr = Attr(os.fstat(fd)) if fd is not None else node.attr
+            entry = self._entry(node.ino, attr, False)
+            entry.st_nlink = 0     # deleted but still open: its size and times live on in the fd
+            return entry
+        if node.child.in_upper:
             attr = self.view.attr(node)
             return self._entry(node.ino, attr, attr.is_dir and len(node.sources) > 1)
         return self._child_entry(tag | node.ino, node.child)
@@ -281,8 +289,15 @@ class LayerOperations(pyfuse3.Operations):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if not node.child.in_upper:
                 self._lower_fds.setdefault(node.ino, set()).add(fd)
-        self._fd_inode[fd] = node.ino
+        self._opened(fd, node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _opened(self, fd: int, node: Node) -> None:
+        self._fd_inode[fd] = node.ino
+        self._inode_fds.setdefault(node.ino, set()).add(fd)
+
+    def _an_open_fd(self, node: Node) -> int | None:
+        return next(iter(self._inode_fds.get(node.ino, ())), None)
 
     async def _copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Copy-up with the data copied in a worker thread when it is large."""
@@ -319,6 +334,11 @@ class LayerOperations(pyfuse3.Operations):
     @_fuse_boundary
     async def release(self, fh):
         ino = self._fd_inode.pop(fh, None)
+        fds = self._inode_fds.get(ino)
+        if fds is not None:
+            fds.discard(fh)
+            if not fds:
+                del self._inode_fds[ino]
         readers = self._lower_fds.get(ino)
         if readers is not None:
             readers.discard(fh)
@@ -340,7 +360,7 @@ class LayerOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._require_writable()
         node, fd = self.view.create(self.view.node(parent_inode), name, mode, flags & PASSED_FLAGS, ctx.uid, ctx.gid)
-        self._fd_inode[fd] = node.ino
+        self._opened(fd, node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._node_entry(node)
 
     # ---- namespace changes -----------------------------------------------
@@ -412,6 +432,8 @@ class LayerOperations(pyfuse3.Operations):
                 or fields.update_atime or fields.update_mtime):
             return self._node_entry(node)
         self._require_writable()
+        if node.unlinked:
+            return self._setattr_by_fd(node, attr, fields, fh)
         if fields.update_size and fh is not None and fh in self._fd_inode and node.child.in_upper:
             os.ftruncate(fh, attr.st_size)
         elif fields.update_size:
@@ -436,6 +458,23 @@ class LayerOperations(pyfuse3.Operations):
                 os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
         finally:
             os.close(dir_fd)
+        return self._node_entry(node)
+
+    def _setattr_by_fd(self, node: Node, attr, fields, fh) -> pyfuse3.EntryAttributes:
+        """A deleted file has no path left; what is open of it still takes changes."""
+        fd = fh if fh in self._fd_inode else self._an_open_fd(node)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            current = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns))
         return self._node_entry(node)
 
     @_fuse_boundary
