@@ -131,11 +131,23 @@ def _read_tar(read: Callable, relation: str = "", member: tarfile.TarInfo | None
     """
     try:
         return read()
-    except LayermountError:
-        raise
+    except LayermountError as exc:
+        if member is None or "member" in str(exc):
+            raise
+        # A damaged compressed stream is found while reading some member: name it.
+        raise type(exc)(f"{exc} {relation} member '{_shown(member.name)}'") from None
     except Exception as exc:   # tarfile surfaces damage as TarError, ValueError, EOFError, RecursionError ...
         where = f"{relation} member '{_shown(member.name)}'" if member is not None else "at its start"
         raise ImageError(f"corrupt tar {where}: {exc or type(exc).__name__}") from None
+
+
+def _space_left(target: int | bytes) -> bool:
+    """ENOSPC from setxattr means a full inode, not a full disk, while blocks remain."""
+    try:
+        st = os.fstatvfs(target) if isinstance(target, int) else os.statvfs(target)
+    except OSError:
+        return False
+    return st.f_bavail > 0
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -472,6 +484,8 @@ class _Extractor:
             except OSError as exc:
                 if exc.errno == errno.EOPNOTSUPP:
                     continue       # the store's filesystem has no such namespace
+                if exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE) and _space_left(target):
+                    raise _Unusable("its xattrs do not fit in one inode of the store's filesystem") from None
                 if exc.errno in STORE_ERRNOS:
                     raise
                 raise _Unusable(f"cannot set xattr '{_shown(name)}': {exc.strerror}") from None

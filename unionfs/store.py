@@ -223,6 +223,7 @@ class LayerStore:
                     with self._try_lock(hex_of(layer.diff_id)) as locked:
                         if locked:
                             self._remove_layer(layer)
+                            (self.blobs_dir / hex_of(layer.meta["digest"])).unlink(missing_ok=True)
             raise first_error
         self._record_image(image, results)
         return results
@@ -256,6 +257,9 @@ class LayerStore:
                         stored = self._publish(work, meta)
             finally:
                 remove_tree(work)
+                if diff_id is None:
+                    # A random key is never used again: its lock file goes (we still hold it, tmp/ is clean).
+                    self._lock_path(key).unlink(missing_ok=True)
         progress(short_id(stored.diff_id), "Pull complete", meta["compressed_size"], meta["compressed_size"])
         return stored
 
