@@ -486,3 +486,14 @@ def test_unpack_time_against_tar(debian, tmp_path, capsys):
         print(f"\nunpack of the Debian image ({len(debian.layers)} layers, {size / 1e6:.0f} MB of tar): "
               f"layermount unpack {ours:.1f}s, tar -xf of the same layer tars {theirs:.1f}s "
               f"({ours / theirs:.1f}x)")
+
+
+def test_layermount_run_on_the_debian_image(debian, debian_store, tmp_path):
+    """The toy runtime on a real distribution: shell, os-release, a write that lands in the upper."""
+    upper = tmp_path / "upper"
+    result = run_layermount("run", "--store", debian_store, "-q", "--upper", upper, debian.images["docker"],
+                            "/bin/sh", "-c", "echo hi > /tmp/x; cat /etc/os-release; echo pid $$; exit 5",
+                            timeout=300)
+    assert result.returncode == 5, result.stderr
+    assert "Debian GNU/Linux" in result.stdout and "pid 1" in result.stdout
+    assert (upper / "diff/tmp/x").read_text() == "hi\n"
