@@ -19,10 +19,12 @@ import concurrent.futures
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,16 +207,18 @@ class LayerStore:
         """
         self.ensure()
         started = time.time()
-        jobs = jobs or min(len(image.layers), os.cpu_count() or 1) or 1
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(self._unpack_layer, image, index, ref, progress)
-                       for index, ref in enumerate(image.layers)]
-            results, first_error = [], None
-            for future in futures:
+        missing = [index for index, ref in enumerate(image.layers)
+                   if ref.diff_id is None or self.layer(ref.diff_id) is None]
+        jobs = min(jobs or os.cpu_count() or 1, len(missing))
+        results, first_error = [], None
+        if jobs <= 1:
+            for index, ref in enumerate(image.layers):
                 try:
-                    results.append(future.result())
+                    results.append(self._unpack_layer(image, index, ref, progress))
                 except LayermountError as exc:
                     first_error = first_error or exc
+        else:
+            results, first_error = self._unpack_in_processes(image, progress, jobs)
         if first_error is not None:
             # A bad image leaves the store as it found it: drop what this run added.
             used = self._used_layers()
@@ -227,6 +231,35 @@ class LayerStore:
             raise first_error
         self._record_image(image, results)
         return results
+
+    def _unpack_in_processes(self, image: Image, progress: ProgressFn, jobs: int):
+        """One forked worker per core: extraction is Python work, which threads would serialise.
+
+        Workers inherit the image by fork (its streams read with pread, so
+        they share nothing) and send their progress back through a queue.
+        """
+        global _FORKED_JOB
+        context = multiprocessing.get_context("fork")
+        events = context.SimpleQueue()
+        _FORKED_JOB = (self, image, events)
+        forwarder = threading.Thread(target=_forward_progress, args=(events, progress), daemon=True)
+        forwarder.start()
+        results, first_error = [], None
+        try:
+            with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = [pool.submit(_unpack_forked, index) for index in range(len(image.layers))]
+                for future in futures:
+                    try:
+                        results.append(future.result())
+                    except LayermountError as exc:
+                        first_error = first_error or exc
+                    except concurrent.futures.process.BrokenProcessPool:
+                        first_error = first_error or StoreError(f"{image.source}: an unpack worker died")
+        finally:
+            _FORKED_JOB = None
+            events.put(None)
+            forwarder.join()
+        return results, first_error
 
     def _unpack_layer(self, image: Image, index: int, ref: LayerRef, progress: ProgressFn) -> StoredLayer:
         label = f"{image.source}: layer {index + 1} ({ref.name})"
@@ -374,6 +407,20 @@ class LayerStore:
                 self._remove_layer(layer)
                 removed.append(layer)
         return removed, busy
+
+
+_FORKED_JOB = None   # (store, image, progress queue), inherited by forked unpack workers
+
+
+def _unpack_forked(index: int) -> StoredLayer:
+    store, image, events = _FORKED_JOB
+    return store._unpack_layer(image, index, image.layers[index],
+                               lambda *event: events.put(event))
+
+
+def _forward_progress(events, progress: ProgressFn) -> None:
+    while (event := events.get()) is not None:
+        progress(*event)
 
 
 def _image_matches(record: dict, name: str) -> bool:
