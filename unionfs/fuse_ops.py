@@ -240,8 +240,11 @@ class LayerOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", self._node_entry(parent, tag), 2):
                 return
         entries = handle.entries
+        current = view.listing(node)
         for index in range(max(start_id - 2, 0), len(entries)):
             child = entries[index]
+            if current.get(child.name) is not child:
+                continue   # removed or replaced since opendir: never hand the kernel a dead entry
             if child.in_upper:
                 view.refresh(child, node)
                 ino = view.ino_for(child.attr)
@@ -273,6 +276,8 @@ class LayerOperations(pyfuse3.Operations):
     @_fuse_boundary
     async def open(self, inode, flags, ctx):
         view, _, node = self._locate(inode)
+        if node.unlinked:
+            return self._reopen_unlinked(node, flags)
         if view is not self.view:
             if flags & WRITE_FLAGS:
                 raise pyfuse3.FUSEError(errno.EROFS)
@@ -291,6 +296,16 @@ class LayerOperations(pyfuse3.Operations):
                 self._lower_fds.setdefault(node.ino, set()).add(fd)
         self._opened(fd, node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    def _reopen_unlinked(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        """A deleted file has no path (its old name may be another file now): only what is
+        still open of it can be opened again."""
+        fd = self._an_open_fd(node)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        again = os.open(f"/proc/self/fd/{fd}", flags & PASSED_FLAGS & ~os.O_TRUNC | os.O_CLOEXEC)
+        self._opened(again, node)
+        return pyfuse3.FileInfo(fh=again, keep_cache=True)
 
     def _opened(self, fd: int, node: Node) -> None:
         self._fd_inode[fd] = node.ino

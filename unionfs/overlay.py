@@ -192,6 +192,7 @@ class MergedView:
         upper_layer = Layer("upper", upper.path, upper.root_fd, False, True) if upper is not None else None
         self.layers: list[Layer | None] = [upper_layer] + list(lowers)
         self._ino_of_host: dict[tuple[int, int], int] = {}
+        self._retired: set[tuple[int, int]] = set()
         self._next_ino = _DIRECT_INO_LIMIT
         self._direct_dev = os.fstat(lowers[-1].root_fd).st_dev
         present = tuple(index for index, layer in enumerate(self.layers) if layer is not None)
@@ -217,12 +218,18 @@ class MergedView:
 
     # ---- inode numbers ------------------------------------------------------
     def ino_for(self, attr: Attr) -> int:
-        """st_ino from the host's: stable for the mount's life, shared by hardlinks."""
+        """st_ino from the host's: stable for the mount's life, shared by hardlinks.
+
+        A host inode number freed in the upper may be reused by the host for a new
+        file while the kernel still holds the old one; such numbers are retired
+        and the new file gets one of ours.
+        """
         key = (attr.host_dev, attr.host_ino)
         ino = self._ino_of_host.get(key)
         if ino is not None:
             return ino
-        if attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT:
+        if (attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT
+                and key not in self._retired):
             return attr.host_ino
         ino = self._ino_of_host[key] = self._next_ino
         self._next_ino += 1
@@ -364,8 +371,11 @@ class MergedView:
 
     # ---- content -----------------------------------------------------------
     def open_file(self, node: Node, flags: int) -> int:
+        """Open a node's file. O_NONBLOCK: a layer changed behind our back (a FIFO where a file
+        was) must not block the daemon's one thread; anything but a regular file is refused."""
         layer = self.layers[node.winner]
-        return safepath.open_beneath(layer.root_fd, node.relpath, flags | os.O_NOFOLLOW)
+        fd = safepath.open_beneath(layer.root_fd, node.relpath, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return _regular_file(fd)
 
     def readlink(self, node: Node) -> bytes:
         with self._parent_fd(node) as (fd, name):
@@ -406,19 +416,21 @@ class MergedView:
         return self._writable().open_dir(node.relpath)
 
     def copy_up_dir(self, node: Node) -> None:
-        if node.child.in_upper:
-            return
-        upper = self._writable()
-        parent = node.parent
-        self.copy_up_dir(parent)
-        with self._parent_fd(node) as (lower_fd, name):
-            xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
-        parent_fd = upper.open_dir(parent.relpath)
-        try:
-            upper.make_dir_like(parent_fd, node.name, node.attr, xattrs)
-        finally:
-            os.close(parent_fd)
-        self._became_upper(node, (UPPER,) + node.sources)
+        """Make a directory (and every missing parent, outermost first) exist in the upper."""
+        missing = []
+        while not node.child.in_upper:
+            missing.append(node)
+            node = node.parent
+        upper = self._writable() if missing else None
+        for directory in reversed(missing):
+            with self._parent_fd(directory) as (lower_fd, name):
+                xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
+            parent_fd = upper.open_dir(directory.parent.relpath)
+            try:
+                upper.make_dir_like(parent_fd, directory.name, directory.attr, xattrs)
+            finally:
+                os.close(parent_fd)
+            self._became_upper(directory, (UPPER,) + directory.sources)
 
     def copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Bring a non-directory into the upper, atomically, keeping its st_ino."""
@@ -445,7 +457,8 @@ class MergedView:
             xattrs = read_xattrs(lower_fd, name, HIDDEN_XATTR_PREFIXES)
             served = node.attr   # owner and mode as served, override xattrs applied
             if stat.S_ISREG(served.mode):
-                data_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lower_fd)
+                data_fd = _regular_file(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                                dir_fd=lower_fd))
                 try:
                     return upper.stage_file(data_fd, served, xattrs, with_data=with_data)
                 except BaseException:
@@ -667,6 +680,11 @@ class MergedView:
         node = self.nodes.get(self.ino_for(child.attr))
         if node is not None:
             node.detach(child)
+        if child.in_upper and (child.attr.is_dir or child.attr.nlink <= 1):
+            # Its host inode is gone; the host may hand the number to a new file.
+            key = (child.attr.host_dev, child.attr.host_ino)
+            self._ino_of_host.pop(key, None)
+            self._retired.add(key)
 
     def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
         source = self.listing(parent).get(name)
@@ -699,17 +717,23 @@ class MergedView:
             new_fd = self.upper_dir_fd(new_parent)
             try:
                 if target is not None and target.in_upper and target.attr.is_dir:
-                    self.upper.clear_markers(_open_child_dir(new_fd, new_name))
+                    emptied = _open_child_dir(new_fd, new_name)
+                    try:
+                        self.upper.clear_markers(emptied)
+                    finally:
+                        os.close(emptied)
                 self.upper.remove_whiteout(new_fd, new_name)
-                os.rename(name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
                 if source.attr.is_dir and new_name in new_parent.lower_names:
-                    moved = _open_child_dir(new_fd, new_name)
+                    # Before the move, so a failure leaves nothing half done.
+                    moved = _open_child_dir(old_fd, name)
                     try:
                         self.upper.make_opaque(moved)
                     finally:
                         os.close(moved)
                 if name in parent.lower_names and not (parent is new_parent and name == new_name):
-                    self.upper.make_whiteout(old_fd, name)
+                    self.upper.rename_leaving_whiteout(old_fd, name, new_fd, new_name)
+                else:
+                    os.rename(name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             finally:
                 os.close(new_fd)
         finally:
@@ -819,6 +843,15 @@ def _read_override(layer: Layer, dir_fd: int, name: bytes) -> bytes | None:
         return os.getxattr(safepath.fd_path(dir_fd, name), OVERRIDE_XATTR, follow_symlinks=False)
     except OSError:
         return None
+
+
+def _regular_file(fd: int) -> int:
+    """The fd if it is a regular file (O_NONBLOCK then cleared); otherwise closed, and EIO."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(5, "a layer file changed type behind the mount")   # EIO
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _is_overlay_whiteout(entry: os.DirEntry) -> bool:

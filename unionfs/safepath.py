@@ -72,9 +72,21 @@ _RENAME_EXCHANGE = 2
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
+_RENAME_WHITEOUT = 4
+
+
 def rename_exchange(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes) -> None:
     """renameat2(RENAME_EXCHANGE): swap two names atomically (os.rename has no flags)."""
-    if _libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, _RENAME_EXCHANGE) != 0:
+    _renameat2(old_dir_fd, old_name, new_dir_fd, new_name, _RENAME_EXCHANGE)
+
+
+def rename_whiteout(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes) -> None:
+    """renameat2(RENAME_WHITEOUT): move, leaving an overlayfs whiteout in one atomic step."""
+    _renameat2(old_dir_fd, old_name, new_dir_fd, new_name, _RENAME_WHITEOUT)
+
+
+def _renameat2(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int) -> None:
+    if _libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), old_name)
 

@@ -80,6 +80,26 @@ class UpperLayer:
         except FileNotFoundError:
             return False
 
+    def rename_leaving_whiteout(self, old_dir_fd: int, name: bytes, new_dir_fd: int, new_name: bytes) -> None:
+        """Move an entry and hide the lower one left at its old name, all or nothing."""
+        if self.whiteout_form == OVERLAY:
+            try:
+                safepath.rename_whiteout(old_dir_fd, name, new_dir_fd, new_name)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+            os.rename(name, new_name, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
+            self.make_whiteout(old_dir_fd, name)   # this filesystem has no RENAME_WHITEOUT
+            return
+        self.make_whiteout(old_dir_fd, name)       # .wh.NAME is a name of its own: it can go first
+        try:
+            os.rename(name, new_name, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(whiteout_name_bytes(name), dir_fd=old_dir_fd)
+            raise
+
     def make_opaque(self, dir_fd: int) -> None:
         if self.whiteout_form == OVERLAY:
             os.setxattr(safepath.fd_path(dir_fd, b"."), OVERLAY_OPAQUE_XATTR, b"y")
