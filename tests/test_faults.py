@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -24,11 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 
 import images
 from conftest import alive, run_layermount
 from test_mount import make_tree
+from unionfs.fuse_ops import _fuse_boundary
 from unionfs.image.writer import Dir, File
 from unionfs.mount import daemon_pid, is_mounted
 from unionfs.store import LayerStore
@@ -523,21 +527,22 @@ def deep_mount(mounts, tmp_path):
         subprocess.run(["rm", "-rf", str(tmp_path / "lower"), str(tmp_path / "upper")], check=False)
 
 
-def test_handler_exception_is_an_errno_for_that_request_logged_and_the_daemon_survives(deep_mount):
-    point, leaf, log = deep_mount
-    pid = daemon_pid(str(point))
-    assert leaf.read_bytes() == b"leaf"
-    try:
-        with open(leaf, "ab") as handle:   # a copy-up of 1500 parents: RecursionError in the daemon
-            handle.write(b"+more")
-    except OSError as exc:
-        assert exc.errno == errno.EIO
-        text = log.read_text()
-        assert "internal error in open" in text and "Traceback" in text
-    assert alive(pid) and answers(point)
-    (point / "still-works").write_bytes(b"ok")
-    assert (point / "still-works").read_bytes() == b"ok"
-    assert leaf.read_bytes() in (b"leaf", b"leaf+more")
+def test_handler_exception_is_an_errno_for_that_request_and_logged(caplog):
+    """Any exception but FUSEError would end pyfuse3.main(): the boundary answers EIO and logs it.
+
+    (Through a real mount this was a RecursionError on a copy-up 1500 directories deep; that is
+    fixed, so the boundary is exercised directly here, and the daemon's survival of failing
+    requests is shown by the fault tests around it.)
+    """
+    @_fuse_boundary
+    async def broken(*args):
+        raise RecursionError("too deep")
+
+    with caplog.at_level(logging.ERROR, logger="layermount"):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            trio.run(broken)
+    assert caught.value.errno == errno.EIO
+    assert "internal error in broken" in caplog.text and "RecursionError" in caplog.text
 
 
 def test_copy_up_deep_below_many_lower_directories_works(deep_mount):
