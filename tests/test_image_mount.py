@@ -263,3 +263,23 @@ def test_time_travel_shows_the_image_after_each_step(mounts, tmp_path, store_dir
 def test_no_layers_dir_when_asked(mounts, tmp_path):
     root = mounts.mount(images.build(tmp_path / "image.tar"), "-q", "--no-layers-dir")
     assert not (root / ".layers").exists()
+
+
+def test_images_hostile_to_the_mount(mounts, tmp_path, store_dir):
+    """An opaque root, a 41-link symlink chain, a whiteout of nothing, / entries pointing at host paths."""
+    chain = [Symlink(f"chain/l{i}", f"l{i + 1}") for i in range(41)] + [File("chain/l41", b"end")]
+    hostile = [Opaque(""), File("only", b"after the opaque root"), Whiteout("nothing-below"), Dir("chain"),
+               *chain, Symlink("etc", "/etc"), Symlink("usr", "/usr"), Symlink("bin", "/bin")]
+    image = tmp_path / "hostile.tar"
+    write_image(image, [layer_tar(images.BASE), layer_tar(hostile)], new_config(["base", "hostile"]))
+    root = mounts.mount(image, "--read-only", "-q")
+    names = os.listdir(root)
+    assert {"only", "chain", "var", "opt"} <= set(names) and "nothing-below" not in names   # the root is never opaque
+    assert os.readlink(root / "etc") == "/etc"     # served verbatim; the daemon never follows it
+    with pytest.raises(OSError) as caught:
+        (root / "chain/l0").read_bytes()           # 41 hops exceed the kernel's limit of 40
+    assert caught.value.errno == 40                # ELOOP
+    assert (root / "chain/l1").read_bytes() == b"end"   # 40 hops are allowed
+    with kernel_overlay(store_layer_dirs(store_dir, image), tmp_path / "kernel") as kernel_root:
+        differences = diff_snapshots(snapshot(root), snapshot(kernel_root), ("layermount", "kernel"))
+    assert not differences, "\n".join(differences)

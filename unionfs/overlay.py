@@ -256,6 +256,12 @@ class MergedView:
                 fds.append(fd)
                 listings.append(listing)
                 scans.append(entries)
+            if node.parent is None:
+                # Kernel overlayfs (so Docker's overlay2 and containerd too) never lets a layer's
+                # root be opaque: an opaque marker there hides nothing.
+                for listing in listings:
+                    if listing is not None:
+                        listing.opaque = False
             opaque_at = next((p for p, listing in enumerate(listings) if listing is not None and listing.opaque), None)
             if opaque_at is not None and opaque_at + 1 < len(node.sources):
                 # An opaque copy ends the directory: what lies below it never contributes.
