@@ -555,6 +555,15 @@ def test_copy_up_deep_below_many_lower_directories_works(deep_mount):
     assert leaf.read_bytes() == b"leaf+more"
 
 
+def test_rename_of_a_deep_lower_directory_works(deep_mount):
+    """Renaming a lower directory copies its tree up; 1500 levels must not exhaust a recursion."""
+    point, leaf, log = deep_mount
+    os.rename(point / "d", point / "moved")
+    moved_leaf = point / "moved" / "/".join(["d"] * (DEPTH - 1)) / "leaf"
+    assert moved_leaf.read_bytes() == b"leaf"
+    assert not (point / "d").exists()
+
+
 def test_lower_file_swapped_for_a_fifo_does_not_hang_the_mount(mounts, tmp_path):
     lower = make_tree(tmp_path / "lower", {"data/f": b"file", "data/other": b"other"})
     point = mounts.mount_lowers([lower])

@@ -534,22 +534,30 @@ class MergedView:
         return node, self.listing(node).get(last)
 
     def copy_up_tree(self, node: Node) -> None:
-        """Everything below a directory into the upper: the price of renaming a lower directory."""
-        self.copy_up_dir(node)
-        for child in list(self.listing(node).values()):
-            child_node = self.node_of(node, child)
-            if child.attr.is_dir:
-                self.copy_up_tree(child_node)
-            else:
-                self.copy_up(child_node)
-        # The directory now holds all it shows: nothing below may add to it.
-        fd = self._writable().open_dir(node.relpath)
-        try:
-            self.upper.make_opaque(fd)
-        finally:
-            os.close(fd)
-        node.child.sources = (UPPER,)
-        node.lower_names = set()
+        """Everything below a directory into the upper: the price of renaming a lower directory.
+
+        A loop with its own stack, so a tree of any depth can be moved.
+        """
+        pending, copied = [node], []
+        while pending:
+            directory = pending.pop()
+            self.copy_up_dir(directory)
+            copied.append(directory)
+            for child in list(self.listing(directory).values()):
+                child_node = self.node_of(directory, child)
+                if child.attr.is_dir:
+                    pending.append(child_node)
+                else:
+                    self.copy_up(child_node)
+        for directory in copied:
+            # Each directory now holds all it shows: nothing below may add to it.
+            fd = self._writable().open_dir(directory.relpath)
+            try:
+                self.upper.make_opaque(fd)
+            finally:
+                os.close(fd)
+            directory.child.sources = (UPPER,)
+            directory.lower_names = set()
 
     def _became_upper(self, node: Node, sources: tuple[int, ...]) -> None:
         old = node.attr
