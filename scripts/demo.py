@@ -100,6 +100,12 @@ def main() -> None:
         run("getfattr", "-n", "user.layermount.layer", web / "usr/sbin/webserver")
         layermount("which", web / "usr/share/doc/README")
 
+        layermount("explain", web / "usr/share/doc/README")
+
+        title("4b. Time travel: /.layers/N is the root as it stood after build step N")
+        run("ls", web / ".layers")
+        run("diff", "-r", "--no-dereference", web / ".layers/2", web / ".layers/3")
+
         title("5. Copy-on-write: edit a base file, delete another")
         print(f"$ echo 'edited in the container' >> {web}/etc/os-release")
         with open(web / "etc/os-release", "a") as handle:
