@@ -9,6 +9,7 @@ directories, which layermount does without options.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -37,6 +38,13 @@ LOWER_BOTTOM = {
 def lowers(tmp_path_factory):
     base = tmp_path_factory.mktemp("lowers")
     return [make_tree(base / "top", LOWER_TOP), make_tree(base / "bottom", LOWER_BOTTOM)]
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:   # AT_FDCWD
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def outcome(action):
@@ -73,6 +81,31 @@ def apply(root: Path, op: tuple):
         return outcome(lambda: os.chmod(path(args[0]), args[1]))
     if kind == "truncate":
         return outcome(lambda: os.truncate(path(args[0]), args[1]))
+    if kind in ("exchange", "noreplace"):
+        flags = {"exchange": 2, "noreplace": 1}[kind]   # RENAME_EXCHANGE, RENAME_NOREPLACE
+        return outcome(lambda: renameat2(path(args[0]), path(args[1]), flags))
+    if kind == "setxattr":
+        return outcome(lambda: os.setxattr(path(args[0]), args[1], args[2]))
+    if kind == "removexattr":
+        return outcome(lambda: os.removexattr(path(args[0]), args[1]))
+    if kind == "chown":
+        return outcome(lambda: os.chown(path(args[0]), args[1], args[2], follow_symlinks=False))
+    if kind == "utime":
+        return outcome(lambda: os.utime(path(args[0]), ns=(args[1], args[1])))
+    if kind == "mkfifo":
+        return outcome(lambda: os.mkfifo(path(args[0])))
+    if kind == "excl":
+        return outcome(lambda: os.close(os.open(path(args[0]), os.O_WRONLY | os.O_CREAT | os.O_EXCL)))
+    if kind == "fsync":
+        def sync():
+            fd = os.open(path(args[0]), os.O_RDWR)
+            try:
+                os.write(fd, b"synced")
+                os.fsync(fd)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        return outcome(sync)
     if kind == "listdir":
         return outcome(lambda: sorted(os.listdir(path(args[0]))))
     if kind == "stat":
@@ -139,6 +172,15 @@ SCENARIOS = {
     "errors": [("mkdir", "f"), ("unlink", "d"), ("rmdir", "f"), ("read", "nope"), ("mkdir", "nope/x"),
                ("rename", "nope", "x"), ("link", "d", "d2")],
     "opaque and whiteouts stay hidden": [("listdir", "o"), ("listdir", "d"), ("read", "e")],
+    "rename exchange and noreplace": [("exchange", "f", "d"), ("listdir", "f"), ("read", "d"),
+                                      ("noreplace", "d", "big"), ("noreplace", "d", "fresh"), ("read", "fresh"),
+                                      ("exchange", "hl1", "nope")],
+    "xattrs, owner and times of lower entries": [
+        ("setxattr", "d/g", "user.note", b"hello"), ("setxattr", "d", "user.dir", b"x"),
+        ("removexattr", "d/g", "user.note"), ("removexattr", "f", "user.absent"),
+        ("chown", "f", 1000, 1000), ("chown", "link", 7, 7), ("utime", "d/f", 10**18)],
+    "fifo, O_EXCL and fsync": [("mkfifo", "fifo"), ("mkfifo", "f"), ("excl", "f"), ("excl", "brand-new"),
+                               ("fsync", "d/g"), ("read", "d/g")],
 }
 
 
