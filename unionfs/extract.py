@@ -89,6 +89,13 @@ def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bo
     return extractor.stats
 
 
+def layer_members(tar_stream: BinaryIO) -> Iterator[tarfile.TarInfo]:
+    """The members of an uncompressed layer tar, parsed as strictly as extraction parses them."""
+    tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo))
+    with contextlib.closing(tar):
+        yield from _members(tar)
+
+
 def _member_error(kind: type, member: str, reason: str) -> ImageError:
     """The user-facing error for ``member``; ``reason`` alone is kept for lint to show beside the path."""
     error = kind(f"member '{_shown(member)}': {reason}")
