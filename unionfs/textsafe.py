@@ -16,8 +16,10 @@ def shown(text: object, max_length: int | None = None) -> str:
     Undecodable bytes of file names (surrogate escapes) show as ``\\xNN``.
     Idempotent: an already escaped string comes out unchanged.
     """
-    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    text = str(text)
+    if not text.isprintable():         # the common case costs one pass in C
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
     if max_length is not None and len(text) > max_length:
         text = text[: max_length // 2] + "..." + text[-(max_length // 3):]
     return text

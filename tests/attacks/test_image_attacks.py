@@ -28,9 +28,10 @@ from unionfs.image.writer import (Dir, File, Hardlink, ImageSpec, Symlink, layer
 from unionfs.mount import is_mounted
 from unionfs.textsafe import shown
 
-# A title-setting OSC, a screen clear and a carriage return that forges a line over the honest one.
-PAYLOAD = "evil\x1b]0;owned\x07\x1b[2J\rFORGED"
-ESCAPED = "evil\\x1b]0;owned\\x07\\x1b[2J\\rFORGED"
+# A title-setting OSC, a screen clear, a carriage return that forges a line over the honest one
+# and a right-to-left override that shows the rest backwards.
+PAYLOAD = "evil\x1b]0;owned\x07\x1b[2J\rFORGED\u202e"
+ESCAPED = "evil\\x1b]0;owned\\x07\\x1b[2J\\rFORGED\\u202e"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -41,7 +42,7 @@ def sha256(data: bytes) -> str:
 
 def assert_terminal_safe(*texts: str) -> None:
     for text in texts:
-        for control in ("\x1b", "\x07", "\r"):
+        for control in ("\x1b", "\x07", "\r", "\u202e"):
             assert control not in text, f"raw {control!r} reached the terminal: {text!r}"
 
 
@@ -302,16 +303,19 @@ def hostile_config(steps: list[str]) -> dict:
 
 def test_inspect_and_history_escape_image_strings(tmp_path, store_dir):
     """Attack: RepoTags, created_by, WorkingDir, User, created and the platform variant carrying a
-    title-setting OSC, a screen clear and a forged line, printed by inspect and history.
+    title-setting OSC, a screen clear and a forged line, printed by inspect, history and store ls.
     Must hold: shown escaped (and visibly there); --json keeps them exact."""
     image = tmp_path / "image.tar"
     write_image(image, [layer_tar([File("a", b"a")])], hostile_config([PAYLOAD]), repo_tag=f"app{PAYLOAD}:1")
     inspect = run_layermount("inspect", image)
     history = run_layermount("history", image, "--store", store_dir, "--no-trunc")
-    for result in (inspect, history):
+    run_layermount("unpack", image, "--store", store_dir, "-q", check=True)
+    listing = run_layermount("store", "ls", "--store", store_dir)
+    for result in (inspect, history, listing):
         assert result.returncode == 0, result.stderr
         assert_terminal_safe(result.stdout, result.stderr)
-    assert inspect.stdout.count(ESCAPED) >= 6 and ESCAPED in history.stdout
+        assert ESCAPED in result.stdout, result.stdout
+    assert inspect.stdout.count(ESCAPED) >= 6
     summary = json.loads(run_layermount("inspect", image, "--json").stdout)
     assert summary["repo_tags"] == [f"app{PAYLOAD}:1"] and summary["config"]["WorkingDir"] == PAYLOAD
     assert summary["layers"][0]["created_by"] == PAYLOAD
