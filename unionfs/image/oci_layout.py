@@ -24,7 +24,6 @@ from typing import BinaryIO, Callable
 
 from ..errors import DigestMismatch, ImageError, UsageError
 from ..safepath import open_beneath
-from ..textsafe import shown
 from .compression import CHUNK, detect_compression, open_decompressed
 from .fields import MANIFEST, check_config, check_depth, check_descriptor, check_fields
 from .model import Image, LayerRef
