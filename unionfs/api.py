@@ -20,6 +20,7 @@ from .errors import ImageError, MountError, UsageError
 from .mount import FSTYPE, MountOptions, mount, mount_entries
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
+from .textsafe import shown
 from .upper import OCI, OVERLAY, UpperLayer
 from .whiteout import OPAQUE_MARKER, whiteout_name
 
@@ -85,12 +86,26 @@ def prepare_upper(path: str, *, image: Image, layers, store) -> tuple[str, str]:
     info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
             "layers": [layer.diff_id for layer in layers]}
     if record.exists():
-        previous = json.loads(record.read_text())
+        previous = read_upper_record(record, path)
         if previous.get("layers") != info["layers"]:
             raise UsageError(f"upper {path}: was made on another image ({previous.get('image')})")
     else:
         record.write_text(json.dumps(info, indent=1))
     return str(root / "diff"), str(root / "work")
+
+
+def read_upper_record(record: Path, upper: str) -> dict:
+    """An upper's layermount.json, checked: anyone who could write the upper could have edited it."""
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UsageError(f"upper {upper}: cannot read {record.name}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if (not isinstance(info, dict) or not all(isinstance(info.get(key), str) for key in ("image", "store"))
+            or not isinstance(info.get("layers"), list) or not all(isinstance(layer, str) for layer in info["layers"])
+            or not isinstance(info.get("image_id", ""), str)):
+        raise UsageError(f"upper {upper}: {record.name} is damaged (not the record layermount writes)")
+    return info
 
 
 def _open_upper(upper: tuple[str, str], whiteout_form: str):
@@ -199,7 +214,7 @@ def locate_upper(target: str, lowerdir: str | None = None) -> UpperInfo:
         root = root.parent
     record_path = root / "layermount.json"
     if record_path.exists():
-        record = json.loads(record_path.read_text())
+        record = read_upper_record(record_path, target)
         store = store_for(record["store"])
         lowers = []
         for diff_id in reversed(record["layers"]):
@@ -293,7 +308,7 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
             container = container_for(image.config, mountpoint, command)
             container.volumes, volumes_base = fresh_volumes(image.config)
             for inside in container.volumes:
-                print(f"layermount: volume {inside} is a fresh temporary directory; writes there "
+                print(f"layermount: volume {shown(inside)} is a fresh temporary directory; writes there "
                       f"do not go to the upper layer", file=sys.stderr)
             return run(container)
         finally:

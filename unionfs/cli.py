@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from . import __version__, api
 from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 from .provenance import explain_lines, explain_path
+from .textsafe import shown
 
 SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run",
                "lint")
@@ -30,6 +32,11 @@ layermount inspect IMAGE [--json]              platform, layers, build steps and
 layermount history IMAGE                       the build steps, top first, and which layers the store has
 layermount lint IMAGE                          what is odd or dangerous in the layers, before mounting
 layermount store ls | gc | rm IMAGE            the shared layer store"""
+
+
+def _print(text: str = "", file=None) -> None:
+    """Print one line whose parts may come from an image: escaped, so it cannot drive the terminal."""
+    print(shown(text), file=file or sys.stdout)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,21 +142,51 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     remove = store_commands.add_parser("rm", parents=[store_option],
                                        help="forget an image (its layers go at the next gc)")
     remove.add_argument("image", metavar="ID|TAG|PATH")
+    _add_debug_everywhere(parser)
     return parser
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every subcommand: show the traceback of an unexpected failure."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _add_debug_everywhere(subparser)
+                if not subparser._subparsers:
+                    subparser.add_argument("--debug", action="store_true", help="tracebacks for unexpected failures")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    args = None
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return _run_subcommand(_subcommand_parser().parse_args(argv))
-        return _run_mount(_mount_parser().parse_intermixed_args(argv))
+            args = _subcommand_parser().parse_args(argv)
+            return _run_subcommand(args)
+        args = _mount_parser().parse_intermixed_args(argv)
+        return _run_mount(args)
     except LayermountError as exc:
-        print(f"layermount: {exc}", file=sys.stderr)
+        _print(f"layermount: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("layermount: interrupted", file=sys.stderr)
+        _print("layermount: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # the last line of defence: a hostile input must not get a traceback
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        _print(f"layermount: {_input_of(args)}: cannot handle it ({detail}); --debug shows the traceback",
+               file=sys.stderr)
+        return 3
+
+
+def _input_of(args: argparse.Namespace | None) -> str:
+    """The input a command was working on, to name in an unexpected failure."""
+    for name in ("sources", "paths", "image", "target", "upper", "path", "mountpoint"):
+        value = getattr(args, name, None)
+        if value:
+            return value[0] if isinstance(value, list) else value
+    return "layermount"
 
 
 def _split_mount_options(raw: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -199,7 +236,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         store = api.store_for(args.store)
         layers = api.unpack(image, store, PullProgress(quiet=args.quiet))
         if not args.quiet:
-            print(f"Unpacked {image.source} ({len(layers)} layers) into {store.root}")
+            _print(f"Unpacked {image.source} ({len(layers)} layers) into {store.root}")
         return 0
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
@@ -220,15 +257,15 @@ def _run_subcommand(args: argparse.Namespace) -> int:
 
         findings = lint_image(api.load_image([args.image], platform=args.platform, ref=args.ref))
         for finding in findings:
-            print(finding)
+            _print(finding)
         errors = sum(finding.severity == ERROR for finding in findings)
-        print(f"{errors} errors, {len(findings) - errors} warnings")
+        _print(f"{errors} errors, {len(findings) - errors} warnings")
         return 1 if errors else 0
     if args.command == "explain":
         mountpoint, inside = api.find_mount(args.path)
-        print(f"Looking up /{inside} in {mountpoint}, top layer first:")
+        _print(f"Looking up /{inside} in {mountpoint}, top layer first:")
         for line in explain_lines(api.mount_stack(mountpoint), inside):
-            print(line)
+            _print(line)
         return 0
     if args.command == "store":
         return _store(args)
@@ -236,7 +273,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         image = api.load_image([args.image], platform=args.platform, ref=args.ref)
         ident = api.commit(image, api.locate_upper(args.upper), args.output, message=args.message,
                            image_format=args.format, tag=args.tag)
-        print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
+        _print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
         return 0
     if args.command == "diff":
         from .diff import changes
@@ -247,7 +284,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
             print(json.dumps([{"kind": change.kind, "path": change.path} for change in found], indent=1))
         else:
             for change in found:
-                print(change)
+                _print(change)
         return 0
     raise UsageError(f"unknown command {args.command}")
 
@@ -257,22 +294,22 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"Image:    {summary['source']} ({summary['format']})")
-    print(f"Id:       {summary['id']}")
+    _print(f"Image:    {summary['source']} ({summary['format']})")
+    _print(f"Id:       {summary['id']}")
     if summary["repo_tags"]:
-        print(f"Tags:     {', '.join(summary['repo_tags'])}")
-    print(f"Platform: {summary['platform'] or '-'}")
+        _print(f"Tags:     {', '.join(summary['repo_tags'])}")
+    _print(f"Platform: {summary['platform'] or '-'}")
     if summary["created"]:
-        print(f"Created:  {summary['created']}")
-    print("Layers (bottom first):")
+        _print(f"Created:  {summary['created']}")
+    _print("Layers (bottom first):")
     for layer in summary["layers"]:
         size = human_size(layer["size"]) if layer["size"] is not None else "?"
-        print(f"  {layer['index']:>3}  {(layer['diff_id'] or layer['digest'] or '?')[:19]}  {size:>9}  "
-              f"{layer['created_by'] or '-'}")
-    print("Config:")
+        _print(f"  {layer['index']:>3}  {(layer['diff_id'] or layer['digest'] or '?')[:19]}  {size:>9}  "
+               f"{layer['created_by'] or '-'}")
+    _print("Config:")
     for key, value in summary["config"].items():
         if value:
-            print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+            _print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
     return 0
 
 
@@ -280,29 +317,31 @@ def _history(args: argparse.Namespace) -> int:
     image = api.load_image([args.image], platform=args.platform, ref=args.ref)
     steps = api.history(image, api.store_for(args.store))
     width = 71 if args.no_trunc else 19
-    print(f"{'LAYER':<{width}}  {'CREATED':<20}  {'SIZE':>9}  {'STORED':<6}  CREATED BY")
+    _print(f"{'LAYER':<{width}}  {'CREATED':<20}  {'SIZE':>9}  {'STORED':<6}  CREATED BY")
     for step in steps:
         layer = (step.diff_id or "<missing>")[:width]
         size = human_size(step.size) if step.size is not None else "?"
         if step.in_store is False:
             size += "*"
         stored = {True: "yes", False: "no", None: "-"}[step.in_store]
-        created_by = step.created_by if args.no_trunc or len(step.created_by) <= 60 else step.created_by[:57] + "..."
-        print(f"{layer:<{width}}  {step.created[:19]:<20}  {size:>9}  {stored:<6}  {created_by}")
+        created_by = shown(step.created_by)       # escaped before cutting, so the columns hold
+        if not args.no_trunc and len(created_by) > 60:
+            created_by = created_by[:57] + "..."
+        _print(f"{layer:<{width}}  {step.created[:19]:<20}  {size:>9}  {stored:<6}  {created_by}")
     if any(step.in_store is False for step in steps):
-        print("* size of the blob as stored in the image; unpacked sizes are known once in the store")
+        _print("* size of the blob as stored in the image; unpacked sizes are known once in the store")
     return 0
 
 
 def _which(path: str) -> int:
     mountpoint, inside = api.find_mount(path)
     verdicts = explain_path(api.mount_stack(mountpoint), inside)
-    print(f"/{inside}  (mount {mountpoint}, layers top first)")
+    _print(f"/{inside}  (mount {mountpoint}, layers top first)")
     for verdict in verdicts:
         name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name
-        print(f"  layer {verdict.index:>3}  {verdict.has or '-':<12}  {verdict.note:<40}  {name}")
+        _print(f"  layer {verdict.index:>3}  {verdict.has or '-':<12}  {verdict.note:<40}  {name}")
     if not any(verdict.note == "wins" for verdict in verdicts):
-        print("  (not visible in the merged view)")
+        _print("  (not visible in the merged view)")
         return 1
     return 0
 
@@ -317,25 +356,25 @@ def _store(args: argparse.Namespace) -> int:
             for diff_id in record.get("layers", []):
                 users.setdefault(diff_id, []).append(label)
         layers = store.layers()
-        print(f"{'LAYER':<19}  {'SIZE':>9}  {'FILES':>7}  USED BY")
+        _print(f"{'LAYER':<19}  {'SIZE':>9}  {'FILES':>7}  USED BY")
         for layer in layers:
-            print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
+            _print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
                   f"{', '.join(users.get(layer.diff_id, [])) or '(unused)'}")
         total = sum(layer.size for layer in layers)
-        print(f"{len(layers)} layers, {human_size(total)}, {len(images)} images, store {store.root}")
+        _print(f"{len(layers)} layers, {human_size(total)}, {len(images)} images, store {store.root}")
         return 0
     if args.store_command == "gc":
         removed, busy = store.gc()
         freed = sum(layer.size for layer in removed)
-        print(f"removed {len(removed)} layers, freed {human_size(freed)}")
+        _print(f"removed {len(removed)} layers, freed {human_size(freed)}")
         for layer in busy:
-            print(f"kept {layer.diff_id[:19]}: in use by a mount")
+            _print(f"kept {layer.diff_id[:19]}: in use by a mount")
         return 0
     if args.store_command == "rm":
         removed = store.remove_image(args.image)
         if not removed:
             raise UsageError(f"no image {args.image!r} recorded in store {store.root}")
         for ident in removed:
-            print(f"forgot {ident}")
+            _print(f"forgot {ident}")
         return 0
     raise UsageError(f"unknown store command {args.store_command}")

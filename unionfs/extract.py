@@ -29,6 +29,7 @@ from typing import BinaryIO, Callable, Iterator
 from .errors import ImageError, LayermountError, UnsafeArchive
 from .overlay import HIDDEN_XATTR_PREFIXES, OVERRIDE_XATTR
 from .safepath import fd_path
+from .textsafe import shown
 
 PATH_MAX = 4095            # bytes in a relative path, as the kernel counts them (without the NUL)
 NAME_MAX = 255
@@ -88,17 +89,23 @@ def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bo
     return extractor.stats
 
 
-def _unsafe(member: str, reason: str) -> UnsafeArchive:
-    error = UnsafeArchive(f"member '{_shown(member)}': {reason}")
-    error.member = member
+def layer_members(tar_stream: BinaryIO) -> Iterator[tarfile.TarInfo]:
+    """The members of an uncompressed layer tar, parsed as strictly as extraction parses them."""
+    tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo))
+    with contextlib.closing(tar):
+        yield from _members(tar)
+
+
+def _member_error(kind: type, member: str, reason: str) -> ImageError:
+    """The user-facing error for ``member``; ``reason`` alone is kept for lint to show beside the path."""
+    error = kind(f"member '{_shown(member)}': {reason}")
+    error.member, error.reason = member, reason
     return error
 
 
 def _shown(name: str) -> str:
     """A name fit for a one-line message: control characters escaped, very long names elided."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-    return text if len(text) <= 120 else text[:60] + "..." + text[-40:]
+    return shown(name, 120)
 
 
 class _Hostile(Exception):
@@ -115,13 +122,13 @@ def _blame(member: str) -> Iterator[None]:
     try:
         yield
     except _Hostile as exc:
-        raise _unsafe(member, str(exc)) from None
+        raise _member_error(UnsafeArchive, member, str(exc)) from None
     except _Unusable as exc:
-        raise ImageError(f"member '{_shown(member)}': {exc}") from None
+        raise _member_error(ImageError, member, str(exc)) from None
     except OSError as exc:
         if exc.errno in STORE_ERRNOS:
             raise
-        raise ImageError(f"member '{_shown(member)}': {exc.strerror or exc}") from None
+        raise _member_error(ImageError, member, exc.strerror or str(exc)) from None
 
 
 def _read_tar(read: Callable, relation: str = "", member: tarfile.TarInfo | None = None):
@@ -261,6 +268,103 @@ def _data_segments(member: tarfile.TarInfo) -> list[tuple[int, int]]:
     return segments
 
 
+DIRECTORY, SYMLINK, OTHER = "directory", "symlink", "other"
+
+
+class LayerRules:
+    """The shape of the layer so far (what kind of entry is at each path) and the rules a member must pass.
+
+    Extraction admits every member here before touching the disk, and
+    ``lint`` runs the same model dry, so lint calls an error exactly what
+    unpack refuses. The kernel's O_NOFOLLOW walk stays as a second line.
+    """
+
+    def __init__(self) -> None:
+        self.kinds: dict[bytes, str] = {b"": DIRECTORY}       # every entry made so far
+        self.children: dict[bytes, set[bytes]] = {b"": set()}  # directory -> the names in it
+
+    def admit(self, member: tarfile.TarInfo) -> tuple[list[bytes], _Meta, list[bytes] | None]:
+        """(components, metadata, hardlink target) of an acceptable member, recorded as made.
+
+        Raises UnsafeArchive or ImageError naming the member otherwise.
+        """
+        with _blame(member.name):
+            parts = _components(member.name, "path")
+            if parts and parts[-1] in WHITEOUTS_OF_DOTS:
+                raise _Hostile(f"whiteout of '{WHITEOUTS_OF_DOTS[parts[-1]]}'")
+            meta = _Meta.of(member)
+            target = None
+            if member.isdir():
+                kind = DIRECTORY
+            elif not parts:
+                raise _Hostile("would replace the layer root with a non-directory")
+            elif member.issym():
+                raw_target = os.fsencode(member.linkname)
+                if b"\0" in raw_target:
+                    raise _Hostile("symlink target contains a NUL byte")
+                if not raw_target:
+                    raise _Unusable("symlink has an empty target")
+                kind = SYMLINK
+            elif member.islnk():
+                target, kind = self._link_target(parts, member.linkname)
+            else:
+                if member.type in SPECIAL_TYPES and SPECIAL_TYPES[member.type] != stat.S_IFIFO:
+                    if not all(0 <= number <= 0xFFFFFFFF for number in (member.devmajor, member.devminor)):
+                        raise _Unusable(f"device number {member.devmajor}:{member.devminor} out of range")
+                kind = OTHER
+            if parts and target != parts:
+                self._check_parents(parts)
+                self._place(parts, kind)
+            return parts, meta, target
+
+    def _link_target(self, parts: list[bytes], linkname: str) -> tuple[list[bytes], str]:
+        target = _components(linkname, f"hardlink target '{_shown(linkname)}'")
+        kind = self.kinds.get(b"/".join(target))
+        # A target under the link's own path goes when that path is replaced.
+        if kind is None or (target[:len(parts)] == parts and target != parts):
+            raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)")
+        if kind == DIRECTORY:
+            raise _Hostile(f"hardlink to directory '{_shown(linkname)}'")
+        return target, kind
+
+    def _check_parents(self, parts: list[bytes]) -> None:
+        """Every parent must be a directory (missing ones are made): never a symlink or a file."""
+        if self.kinds.get(b"/".join(parts[:-1])) == DIRECTORY:
+            return                 # and so are all its ancestors: nothing else can have children
+        for depth in range(1, len(parts)):
+            path = b"/".join(parts[:depth])
+            kind = self.kinds.get(path)
+            if kind is None:
+                self._place(parts[:depth], DIRECTORY)
+            elif kind == SYMLINK:
+                raise _Hostile(f"parent '{_shown(os.fsdecode(path))}' is a symlink")
+            elif kind != DIRECTORY:
+                raise _Hostile(f"parent '{_shown(os.fsdecode(path))}' is not a directory")
+
+    def _place(self, parts: list[bytes], kind: str) -> None:
+        """Record ``kind`` at ``parts``, dropping the tree it replaces (a directory stays one)."""
+        path = b"/".join(parts)
+        previous = self.kinds.get(path)
+        if previous == DIRECTORY and kind == DIRECTORY:
+            return
+        if previous == DIRECTORY:
+            self._drop_tree(path)
+        self.kinds[path] = kind
+        self.children[b"/".join(parts[:-1])].add(parts[-1])
+        if kind == DIRECTORY:
+            self.children[path] = set()
+
+    def _drop_tree(self, top: bytes) -> None:
+        """Forget everything below the directory ``top``, with a loop, not recursion."""
+        pending = [top]
+        while pending:
+            path = pending.pop()
+            for name in self.children.pop(path, ()):
+                child = path + b"/" + name
+                if self.kinds.pop(child, None) == DIRECTORY:
+                    pending.append(child)
+
+
 class _Extractor:
     """The state of one unpack: the layer root fd, cached directory fds and what exists so far."""
 
@@ -269,7 +373,7 @@ class _Extractor:
         self.stats = ExtractStats()
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dir_fds: OrderedDict[bytes, int] = OrderedDict()    # relative path -> open fd, LRU order
-        self.is_dir: dict[bytes, bool] = {b"": True}             # every entry made so far
+        self.rules = LayerRules()
         # Directory metadata is applied last, deepest first: creating children
         # would change their mtimes, and a 0555 directory would refuse them.
         self.pending_dirs: dict[bytes, _Meta] = {}
@@ -283,20 +387,14 @@ class _Extractor:
     # ---- members ---------------------------------------------------------
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         self.stats.entries += 1
+        parts, meta, link_target = self.rules.admit(member)
         with _blame(member.name):
-            parts = _components(member.name, "path")
-            if parts and parts[-1] in WHITEOUTS_OF_DOTS:
-                raise _Hostile(f"whiteout of '{WHITEOUTS_OF_DOTS[parts[-1]]}'")
-            meta = _Meta.of(member)
             if member.isdir():
                 self._directory(parts, meta)
-                return
-            if not parts:
-                raise _Hostile("would replace the layer root with a non-directory")
-            if member.issym():
+            elif member.issym():
                 self._symlink(parts, member.linkname, meta)
             elif member.islnk():
-                self._hardlink(parts, member.linkname)
+                self._hardlink(parts, link_target)
             elif member.type in SPECIAL_TYPES:
                 self._special(parts, member, meta)
             else:                  # regular, contiguous, sparse, and unknown types, as GNU tar does
@@ -312,7 +410,6 @@ class _Extractor:
                 if not stat.S_ISDIR(os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mode):
                     os.unlink(parts[-1], dir_fd=parent)
                     os.mkdir(parts[-1], 0o700, dir_fd=parent)
-            self.is_dir[path] = True
         self.pending_dirs[path] = meta
 
     def _regular(self, parts: list[bytes], meta: _Meta, write: Callable[[int], None],
@@ -353,10 +450,6 @@ class _Extractor:
 
     def _symlink(self, parts: list[bytes], target: str, meta: _Meta) -> None:
         raw_target = os.fsencode(target)
-        if b"\0" in raw_target:
-            raise _Hostile("symlink target contains a NUL byte")
-        if not raw_target:
-            raise _Unusable("symlink has an empty target")
         name = parts[-1]
         self._create(parts, lambda parent: os.symlink(raw_target, name, dir_fd=parent))
         parent = self._parent_fd(parts)
@@ -371,13 +464,8 @@ class _Extractor:
         if meta.mtime_ns is not None:
             os.utime(name, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
-    def _hardlink(self, parts: list[bytes], linkname: str) -> None:
-        target = _components(linkname, f"hardlink target '{_shown(linkname)}'")
-        target_is_dir = self.is_dir.get(b"/".join(target))
-        if target_is_dir is None:
-            raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)")
-        if target_is_dir:
-            raise _Hostile(f"hardlink to directory '{_shown(linkname)}'")
+    def _hardlink(self, parts: list[bytes], target: list[bytes]) -> None:
+        """A link to an earlier non-directory entry, which the rules have checked is there."""
         if target == parts:
             return                 # a link to itself: already what the member asks for
         # Resolving the link's own parent may evict the target's from the cache.
@@ -386,7 +474,8 @@ class _Extractor:
             self._create(parts, lambda parent: os.link(target[-1], parts[-1], src_dir_fd=target_dir,
                                                        dst_dir_fd=parent, follow_symlinks=False))
         except FileNotFoundError:  # replacing the link's path removed the target with it
-            raise _Hostile(f"hardlink to '{_shown(linkname)}' which is not in this layer (or not yet seen)") from None
+            raise _Hostile(f"hardlink to '{_shown(os.fsdecode(b'/'.join(target)))}' "
+                           "which is not in this layer (or not yet seen)") from None
         finally:
             os.close(target_dir)
 
@@ -397,11 +486,7 @@ class _Extractor:
         privilege to give the node its owner even a fifo becomes a stand-in.
         """
         file_type = SPECIAL_TYPES[member.type]
-        device = None
-        if file_type != stat.S_IFIFO:
-            device = (member.devmajor, member.devminor)
-            if not all(0 <= number <= 0xFFFFFFFF for number in device):
-                raise _Unusable(f"device number {device[0]}:{device[1]} out of range")
+        device = None if file_type == stat.S_IFIFO else (member.devmajor, member.devminor)
         if not self.rootless and self._make_node(parts, file_type, device, meta):
             return
         self._regular(parts, meta, lambda fd: None, file_type, device)
@@ -506,7 +591,6 @@ class _Extractor:
         except FileExistsError:
             self._remove(parts)
             result = make(self._parent_fd(parts))
-        self.is_dir[b"/".join(parts)] = False
         return result
 
     def _parent_fd(self, parts: list[bytes], *, create: bool = True) -> int:
@@ -538,7 +622,6 @@ class _Extractor:
             if not create:
                 raise
             os.mkdir(name, 0o700, dir_fd=parent)
-            self.is_dir[path] = True
             self.pending_dirs[path] = _Meta(os.fsdecode(path), 0, 0, 0o755, None)
             child = os.open(name, DIR_OPEN_FLAGS, dir_fd=parent)
         except OSError as exc:     # O_NOFOLLOW|O_DIRECTORY on a symlink: ENOTDIR, or ELOOP on some kernels
@@ -607,7 +690,6 @@ class _Extractor:
         path = b"/".join(parts)
         if (cached := self.dir_fds.pop(path, None)) is not None:
             os.close(cached)
-        self.is_dir.pop(path, None)
         self.pending_dirs.pop(path, None)
 
 

@@ -6,6 +6,8 @@ import sys
 import threading
 from typing import TextIO
 
+from .textsafe import shown
+
 
 def human_size(size: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -42,6 +44,7 @@ class PullProgress:
                 self.stream.flush()
 
     def _format(self, short: str, status: str, done: int, total: int | None, bar: bool = True) -> str:
+        short = shown(short)
         if status != "Extracting":
             return f"{short}: {status}"
         if not bar:

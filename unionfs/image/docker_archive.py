@@ -13,6 +13,7 @@ import re
 
 from ..errors import DigestMismatch, ImageError
 from .compression import HEAD_SIZE, detect_compression
+from .fields import ARCHIVE_ENTRY, check_config, check_descriptor, check_fields
 from .model import Image
 from .oci_layout import (Blobs, Platform, config_diff_ids, layer_media_type, layer_ref, select_by_ref,
                          sha256_digest)
@@ -28,6 +29,8 @@ def read_docker_archive(blobs: Blobs, source: str, *, platform: Platform | None,
     entries = blobs.read_json(MANIFEST_FILE)
     if not isinstance(entries, list) or not entries or not all(_is_entry(entry) for entry in entries):
         raise ImageError(f"{label}: {MANIFEST_FILE} is not a docker save manifest (a list of Config and Layers)")
+    for number, entry in enumerate(entries, 1):
+        check_fields(label, f"{MANIFEST_FILE} entry {number}", entry, ARCHIVE_ENTRY)
     entry = select_by_ref(label, entries, _repo_tags, ref, lambda first, other: first["Config"] == other["Config"])[0]
     config_name = posixpath.normpath(entry["Config"])
     config_bytes = blobs.read(config_name)
@@ -35,9 +38,7 @@ def read_docker_archive(blobs: Blobs, source: str, *, platform: Platform | None,
     named = _digest_in_name(config_name)
     if named is not None and named != config_digest:
         raise DigestMismatch(f"{label}: config {config_name} does not match its name: content is {config_digest}")
-    config = blobs.read_json(config_name, config_bytes)
-    if not isinstance(config, dict):
-        raise ImageError(f"{label}: config {config_name} is not a JSON object")
+    config = check_config(label, blobs.read_json(config_name, config_bytes))
     if platform is not None:
         platform.check(label, config)
     diff_ids = config_diff_ids(label, config, len(entry["Layers"]))
@@ -48,6 +49,8 @@ def read_docker_archive(blobs: Blobs, source: str, *, platform: Platform | None,
         if not blobs.exists(name):
             raise ImageError(f"{label}: missing layer file {name}")
         source_descriptor = sources.get(diff_id)
+        if source_descriptor is not None:
+            check_descriptor(label, f"{MANIFEST_FILE}: LayerSources {diff_id}", source_descriptor)
         media_type = (source_descriptor.get("mediaType") if isinstance(source_descriptor, dict) else None) \
             or _sniffed_media_type(blobs, name)
         layers.append(layer_ref(blobs, name, digest=_digest_in_name(name), diff_id=diff_id, size=None,

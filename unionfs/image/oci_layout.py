@@ -7,10 +7,12 @@ that docker save embeds since 25, because all it needs from its ``Blobs`` is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import platform as host
 import posixpath
 import re
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from ..errors import DigestMismatch, ImageError, UsageError
+from ..safepath import open_beneath
 from .compression import CHUNK, detect_compression, open_decompressed
+from .fields import MANIFEST, check_config, check_depth, check_descriptor, check_fields
 from .model import Image, LayerRef
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -44,6 +48,15 @@ INDEX_FILE = "index.json"
 SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_JSON_BYTES = 64 << 20     # manifests and configs; anything bigger is not one
 MAX_INDEX_DEPTH = 8
+# Descriptors listed by all the indexes of one layout together: real ones list
+# tens (platforms, attestations), a layout synced from a registry a few thousand.
+MAX_DESCRIPTORS = 10_000
+# A compressed outer archive is spooled to TMPDIR, which must keep this much free
+# afterwards, and may grow to at most this ratio of the compressed size (beyond a floor).
+SPOOL_RESERVE_FRACTION = 0.05
+SPOOL_RESERVE_BYTES = 64 << 20
+MAX_SPOOL_RATIO = 1000
+SPOOL_RATIO_FLOOR = 1 << 30
 MAX_LINK_HOPS = 40
 TAR_BLOCK = 512
 
@@ -92,9 +105,13 @@ class Blobs:
 
     def read_json(self, name: str, data: bytes | None = None) -> dict | list:
         try:
-            return json.loads(self.read(name) if data is None else data)
+            document = json.loads(self.read(name) if data is None else data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ImageError(f"{self.label}: {name} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ImageError(f"{self.label}: {name} nests too deep to be an image document") from None
+        check_depth(self.label, name, document)
+        return document
 
 
 def _safe_name(label: str, name: str) -> str:
@@ -106,24 +123,65 @@ def _safe_name(label: str, name: str) -> str:
 
 
 class DirectoryBlobs(Blobs):
-    """An image unpacked into a directory (an OCI layout, or an extracted docker save)."""
+    """An image unpacked into a directory (an OCI layout, or an extracted docker save).
+
+    Every file is opened beneath the directory with openat2, refusing a
+    symlink anywhere on its path and anything but a regular file, as
+    go-containerregistry's layout does: a blob planted as a link to
+    /etc/shadow is neither read nor has its size told in an error.
+    """
 
     def __init__(self, root: str):
         self.root = root
         self.label = root
+        try:
+            self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{root}: cannot open: {exc.strerror or exc}") from None
+        weakref.finalize(self, os.close, self._root_fd)
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, _safe_name(self.label, name))
+    def _open(self, name: str) -> int | None:
+        """A descriptor of the regular file ``name``; None if there is no file (or a directory) there."""
+        relative = os.fsencode(_safe_name(self.label, name))
+        try:
+            fd = open_beneath(self._root_fd, relative, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EXDEV):
+                raise ImageError(f"{self.label}: {name} is or passes through a symlink, "
+                                 "which an image directory may not hold") from None
+            raise ImageError(f"{self.label}: cannot open {name}: {exc.strerror or exc}") from None
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return fd
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            return None
+        raise ImageError(f"{self.label}: {name} is not a regular file")
 
     def exists(self, name: str) -> bool:
-        return os.path.isfile(self._path(name))
+        fd = self._open(name)
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
 
     def size(self, name: str) -> int:
-        return os.stat(self._path(name)).st_size
+        fd = self._open(name)
+        if fd is None:
+            raise ImageError(f"{self.label}: missing {name}")
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def opener(self, name: str) -> Callable[[], BinaryIO]:
-        path = self._path(name)
-        return lambda: open(path, "rb")
+        def open_blob() -> BinaryIO:
+            fd = self._open(name)
+            if fd is None:
+                raise ImageError(f"{self.label}: missing {name}")
+            return os.fdopen(fd, "rb")
+        return open_blob
 
 
 class TarBlobs(Blobs):
@@ -204,7 +262,12 @@ def _is_tar_header(block: bytes) -> bool:
 
 
 def _decompress_to_temporary(path: str, compressed: BinaryIO) -> int:
-    """Decompress all of ``compressed`` into an unnamed file; return a descriptor of it."""
+    """Decompress all of ``compressed`` into an unnamed file; return a descriptor of it.
+
+    The spool is bounded, so that a small bomb cannot fill TMPDIR for every
+    other user of it: by the space free when it starts (less a reserve) and
+    by a ratio to the compressed size. Being unnamed, it goes with any failure.
+    """
     compressed.seek(0)
     stream = open_decompressed(compressed)
     try:
@@ -212,8 +275,13 @@ def _decompress_to_temporary(path: str, compressed: BinaryIO) -> int:
         if not _is_tar_header(head):
             raise ImageError("not a container image: compressed, but not a tar archive")
         with tempfile.TemporaryFile() as spool:
-            spool.write(head)
+            limit, reason = _spool_limit(spool.fileno(), os.fstat(compressed.fileno()).st_size)
+            written = spool.write(head)
             while data := stream.read(CHUNK):
+                written += len(data)
+                if written > limit:
+                    raise ImageError(f"decompresses to more than {limit} bytes, {reason}; refused as a "
+                                     "decompression bomb (decompress it elsewhere and give the .tar)")
                 spool.write(data)
             spool.flush()
             return os.dup(spool.fileno())
@@ -221,6 +289,17 @@ def _decompress_to_temporary(path: str, compressed: BinaryIO) -> int:
         raise ImageError(f"{path}: {exc}") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot decompress into a temporary file: {exc.strerror or exc}") from None
+
+
+def _spool_limit(spool_fd: int, compressed_size: int) -> tuple[int, str]:
+    """How many bytes the spool may grow to, and what sets that bound (for the message)."""
+    fs = os.fstatvfs(spool_fd)
+    reserve = max(SPOOL_RESERVE_BYTES, int(fs.f_blocks * fs.f_frsize * SPOOL_RESERVE_FRACTION))
+    by_space = max(0, fs.f_bavail * fs.f_frsize - reserve)
+    by_ratio = max(SPOOL_RATIO_FLOOR, compressed_size * MAX_SPOOL_RATIO)
+    if by_space < by_ratio:
+        return by_space, f"more than the temporary directory {tempfile.gettempdir()} can spare"
+    return by_ratio, f"over {MAX_SPOOL_RATIO} times its compressed size"
 
 
 class _MemberReader(io.RawIOBase):
@@ -393,12 +472,19 @@ class _LayoutReader:
     def __init__(self, blobs: Blobs):
         self.blobs = blobs
         self.label = blobs.label
+        self.listed = 0                           # descriptors met in all indexes so far
+        self.documents: dict[str, dict] = {}      # manifests and indexes read, by digest
 
     def descriptors(self, index: object, where: str) -> list[dict]:
         manifests = index.get("manifests") if isinstance(index, dict) else None
-        if not isinstance(manifests, list) or not all(isinstance(entry, dict) for entry in manifests):
+        if not isinstance(manifests, list):
             raise ImageError(f"{self.label}: {where} is not an image index (no manifests list)")
-        for entry in manifests:
+        self.listed += len(manifests)
+        if self.listed > MAX_DESCRIPTORS:
+            raise ImageError(f"{self.label}: its indexes list more than {MAX_DESCRIPTORS} descriptors in all; "
+                             "refused as a hostile layout")
+        for number, entry in enumerate(manifests, 1):
+            check_descriptor(self.label, f"{where}: descriptor {number}", entry)
             self._check_digest(entry, where)
         return manifests
 
@@ -430,31 +516,51 @@ class _LayoutReader:
             raise ImageError(f"{self.label}: {what} blob {blob_path(descriptor['digest'])} is not a JSON object")
         return document
 
-    def manifests_under(self, descriptors: list[dict], depth: int = 0) -> list[tuple[dict, dict]]:
-        """(descriptor, manifest) of every image manifest reachable through nested indexes."""
-        if depth > MAX_INDEX_DEPTH:
-            raise ImageError(f"{self.label}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
-        found = []
-        for descriptor in descriptors:
-            document = self.read_json(descriptor, "manifest")
+    def manifests_under(self, descriptors: list[dict]) -> list[tuple[dict, dict]]:
+        """(descriptor, manifest) of every image manifest reachable through nested indexes, each once.
+
+        Every index is walked and every document read once however often it
+        is listed, and ``descriptors`` caps how many may be listed in all: a
+        few KB of indexes that each list the one below 200 times must not
+        make the walk exponential. (That also ends any cycle, which verified
+        digests make impossible to build anyway.)
+        """
+        found: dict[tuple, tuple[dict, dict]] = {}
+        walked: set[str] = set()
+        pending = [(descriptor, 0) for descriptor in reversed(descriptors)]
+        while pending:
+            descriptor, depth = pending.pop()
+            digest = descriptor["digest"]
+            document = self.documents.get(digest)
+            if document is None:
+                document = self.read_json(descriptor, "manifest")
+                check_fields(self.label, f"manifest {blob_path(digest)}", document, MANIFEST)
+                self.documents[digest] = document
             media_type = descriptor.get("mediaType") or document.get("mediaType") or ""
             if media_type in INDEX_TYPES or (not media_type and "manifests" in document):
-                nested = self.descriptors(document, f"index {blob_path(descriptor['digest'])}")
-                found.extend(self.manifests_under(nested, depth + 1))
+                if digest in walked:
+                    continue
+                walked.add(digest)
+                if depth >= MAX_INDEX_DEPTH:
+                    raise ImageError(f"{self.label}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
+                nested = self.descriptors(document, f"index {blob_path(digest)}")
+                pending.extend((entry, depth + 1) for entry in reversed(nested))
             elif document.get("schemaVersion") == 1:
                 raise ImageError(f"{self.label}: {blob_path(descriptor['digest'])} is a docker schema 1 "
                                  "manifest, which is not supported")
             elif media_type in MANIFEST_TYPES or (not media_type and "layers" in document):
-                found.append((descriptor, document))
+                platform = descriptor.get("platform") or {}
+                found.setdefault((digest, json.dumps(platform, sort_keys=True)), (descriptor, document))
             else:
                 raise ImageError(f"{self.label}: {blob_path(descriptor['digest'])}: unsupported manifest "
                                  f"media type {media_type!r}")
-        return found
+        return list(found.values())
 
     def platform_of(self, descriptor: dict, manifest: dict) -> Platform:
         if isinstance(descriptor.get("platform"), dict):
             return Platform.of(descriptor["platform"])
-        return Platform.of(self.read_json(self._config_descriptor(manifest, descriptor), "config"))
+        return Platform.of(check_config(self.label, self.read_json(self._config_descriptor(manifest, descriptor),
+                                                                   "config")))
 
     def pick_platform(self, descriptors: list[dict], wanted: Platform | None) -> tuple[dict, dict]:
         candidates = [(descriptor, manifest) for descriptor, manifest in self.manifests_under(descriptors)
@@ -476,17 +582,18 @@ class _LayoutReader:
         config = manifest.get("config")
         if not isinstance(config, dict):
             raise ImageError(f"{self.label}: manifest {blob_path(descriptor['digest'])} names no config")
-        return config
+        return check_descriptor(self.label, f"manifest {blob_path(descriptor['digest'])}: config", config)
 
     def image(self, descriptor: dict, manifest: dict, source: str, *, repo_tags: list[str], format: str) -> Image:
         config_descriptor = self._config_descriptor(manifest, descriptor)
-        config = self.read_json(config_descriptor, "config")
+        config = check_config(self.label, self.read_json(config_descriptor, "config"))
         layer_descriptors = manifest.get("layers")
         if not isinstance(layer_descriptors, list):
             raise ImageError(f"{self.label}: manifest {blob_path(descriptor['digest'])} has no layers list")
         diff_ids = config_diff_ids(self.label, config, len(layer_descriptors))
         layers = []
         for number, (layer, diff_id) in enumerate(zip(layer_descriptors, diff_ids), 1):
+            check_descriptor(self.label, f"layer {number}", layer)
             media_type = str(layer.get("mediaType", "")) if isinstance(layer, dict) else ""
             if not media_type.startswith(LAYER_TYPE_PREFIXES) or "encrypted" in media_type:
                 raise ImageError(f"{self.label}: layer {number} has unsupported media type {media_type!r}")
