@@ -1,0 +1,140 @@
+"""The -o option parser: every option podman, buildah and fuse-overlayfs' manual use, as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from unionfs.errors import UsageError
+from unionfs.mountopts import IdRange, fuse_passthrough, parse, split_options
+
+SPLITS = [
+    ("lowerdir=/a:/b,upperdir=/u,workdir=/w", ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w"]),
+    ("lowerdir=/a,,workdir=/w,", ["lowerdir=/a", "workdir=/w"]),                     # empty items
+    (",", []),
+    ('context="system_u:object_r:container_file_t:s0:c1,c2",nodev',
+     ['context="system_u:object_r:container_file_t:s0:c1,c2"', "nodev"]),              # comma inside quotes
+    (r"lowerdir=/a\,b,nodev", ["lowerdir=/a,b", "nodev"]),                             # escaped comma
+    ('a="x,y",b="",c', ['a="x,y"', 'b=""', "c"]),
+]
+
+
+@pytest.mark.parametrize("text, items", SPLITS)
+def test_split(text, items):
+    assert split_options(text) == items
+
+
+def test_unclosed_quote_is_a_usage_error():
+    with pytest.raises(UsageError, match="double quote"):
+        split_options('context="a:b,nodev')
+
+
+# option -> (attribute path, expected value)
+TABLE = [
+    ("lowerdir=/l3:/l2::/l1", "lowerdirs", ["/l3", "/l2", "/l1"]),
+    ("upperdir=/u", "upperdir", "/u"),
+    ("workdir=/w", "workdir", "/w"),
+    ("ro", "read_only", True),
+    ("ro,rw", "read_only", False),
+    ("suid", "suid", True),
+    ("nosuid", "suid", False),
+    ("dev", "dev", True),
+    ("nodev", "dev", False),
+    ("allow_other", "allow_other", True),
+    ("noexec", "fuse", ["noexec"]),
+    ("noatime,default_permissions,allow_root", "fuse", ["noatime", "default_permissions", "allow_root"]),
+    ("max_read=131072", "fuse", ["max_read=131072"]),
+    ('context="system_u:object_r:container_file_t:s0:c1,c2"', "selinux",
+     {"context": "system_u:object_r:container_file_t:s0:c1,c2"}),
+    ("rootcontext=system_u:object_r:etc_t:s0", "selinux", {"rootcontext": "system_u:object_r:etc_t:s0"}),
+    ("volatile", "view.volatile", True),
+    ("fsync=0", "view.volatile", True),
+    ("volatile,fsync=1", "view.volatile", False),
+    ("uidmapping=0:100000:65536", "view.uid_map", (IdRange(0, 100000, 65536),)),
+    ("uidmapping=:0:100000:1:1:200000:10", "view.uid_map", (IdRange(0, 100000, 1), IdRange(1, 200000, 10))),
+    ("gidmapping=0:100000:65536:65536:0:1", "view.gid_map",
+     (IdRange(0, 100000, 65536), IdRange(65536, 0, 1))),
+    ("squash_to_root", "view.squash_uid", 0),
+    ("squash_to_root", "view.squash_gid", 0),
+    ("squash_to_uid=1000", "view.squash_uid", 1000),
+    ("squash_to_gid=1000", "view.squash_gid", 1000),
+    ("xattr_permissions=2", "view.xattr_permissions", 2),
+    ("xattr_permissions=0", "view.xattr_permissions", 0),
+    ("noxattrs", "view.xattrs", False),
+    ("noxattrs=1", "view.xattrs", False),
+    ("noxattrs=0", "view.xattrs", True),
+    ("redirect_dir=on", "no_effect", ["redirect_dir=on"]),
+    ("index=off", "no_effect", ["index=off"]),
+    ("xino=on,xino=off,xino=auto", "no_effect", ["xino=on", "xino=off", "xino=auto"]),
+    ("userxattr", "no_effect", ["userxattr"]),
+    ("metacopy=on", "no_effect", ["metacopy=on"]),
+    ("timeout=1000", "no_effect", ["timeout=1000"]),
+    ("threaded=1", "no_effect", ["threaded=1"]),
+    ("fast_ino=1", "no_effect", ["fast_ino=1"]),
+    ("writeback=0", "no_effect", ["writeback=0"]),
+    ("static_nlink", "no_effect", ["static_nlink"]),
+    ("ino32_t", "no_effect", ["ino32_t"]),
+    ("noacl", "no_effect", ["noacl"]),
+    ("bogus,frobnicate=3", "unknown", ["bogus", "frobnicate=3"]),
+]
+
+
+def attribute(parsed, path):
+    value = parsed
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+@pytest.mark.parametrize("text, path, expected", TABLE)
+def test_option_table(text, path, expected):
+    assert attribute(parse([text]), path) == expected
+
+
+def test_defaults_mean_the_modes_own():
+    parsed = parse(["lowerdir=/l"])
+    assert (parsed.suid, parsed.dev, parsed.allow_other, parsed.read_only) == (None, None, None, False)
+    assert parsed.view.set_options() == [] and parsed.unknown == [] and parsed.fuse == []
+
+
+def test_what_containers_storage_passes():
+    parsed = parse(["lowerdir=/s/l/A:/s/l/B,upperdir=/s/c/diff,workdir=/s/c/work,,volatile,nodev,"
+                    'context="system_u:object_r:container_file_t:s0:c105,c945"'])
+    assert parsed.lowerdirs == ["/s/l/A", "/s/l/B"] and parsed.upperdir == "/s/c/diff"
+    assert parsed.dev is False and parsed.view.volatile and parsed.unknown == []
+    assert parsed.view.set_options() == ["volatile"]
+
+
+def test_several_o_arguments_and_the_last_wins():
+    parsed = parse(["lowerdir=/a,nosuid", "suid,lowerdir=/b:/c"])
+    assert parsed.lowerdirs == ["/b", "/c"] and parsed.suid is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("uidmapping=0:100000", "triples"),
+    ("uidmapping=", "triples"),
+    ("uidmapping=a:b:c", "decimal"),
+    ("uidmapping=0:100000:0", "empty"),
+    ("uidmapping=0:4294967295:2", "outside"),
+    ("uidmapping=0:1000:10:5:2000:10", "container ranges overlap"),
+    ("gidmapping=0:1000:10:100:1005:10", "host ranges overlap"),
+    ("squash_to_uid=-1", "uid/gid number"),
+    ("squash_to_gid=root", "uid/gid number"),
+    ("xattr_permissions=3", "0, 1 or 2"),
+    ("fsync=yes", "0 or 1"),
+    ("noxattrs=2", "0 or 1"),
+    ("lowerdir=", "names no directory"),
+    ("upperdir=", "names no directory"),
+])
+def test_bad_values_are_usage_errors_naming_the_option(text, message):
+    with pytest.raises(UsageError, match=message) as raised:
+        parse([text])
+    assert str(raised.value).startswith(text.partition("=")[0])
+
+
+def test_selinux_labels_quoted_and_escaped_for_libfuse_or_dropped_without_selinux():
+    parsed = parse(['context="system_u:object_r:container_file_t:s0:c1,c2",bogus'])
+    options, warnings = fuse_passthrough(parsed, selinux=True)
+    assert options == [r'context="system_u:object_r:container_file_t:s0:c1\,c2"']
+    assert warnings == ["unknown option ignored: bogus"]
+    options, warnings = fuse_passthrough(parsed, selinux=False)
+    assert options == [] and warnings[-1] == "context= ignored: SELinux is not enabled"
