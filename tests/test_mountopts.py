@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from unionfs.errors import UsageError
+from test_rootless import as_user, user_dir, user_fuse  # noqa: F401 - fixtures
 from unionfs.mountopts import IdRange, fuse_passthrough, parse, split_options
 
 SPLITS = [
@@ -138,3 +145,111 @@ def test_selinux_labels_quoted_and_escaped_for_libfuse_or_dropped_without_selinu
     assert warnings == ["unknown option ignored: bogus"]
     options, warnings = fuse_passthrough(parsed, selinux=False)
     assert options == [] and warnings[-1] == "context= ignored: SELinux is not enabled"
+
+
+# ---- through a real mount ---------------------------------------------------------
+
+def mount_options_of(point) -> tuple[set[str], set[str]]:
+    """(per-mount flags, superblock options) of ``point`` from /proc/self/mountinfo."""
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        if fields[4] == str(point):
+            return set(fields[5].split(",")), set(fields[fields.index("-") + 3].split(","))
+    raise AssertionError(f"{point} is not mounted")
+
+
+@pytest.fixture
+def lower(tmp_path):
+    path = tmp_path / "lower"
+    (path / "dir").mkdir(parents=True)
+    (path / "dir" / "file").write_text("lower\n")
+    os.chmod(path / "dir" / "file", 0o600)
+    return path
+
+
+@pytest.fixture
+def rw_spec(tmp_path, lower):
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    return f"lowerdir={lower},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+
+
+@pytest.fixture
+def open_point():
+    """A mountpoint others can reach (pytest's temp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="layermount-opts-"))
+    os.chmod(path, 0o755)
+    (path / "mnt").mkdir()
+    yield path / "mnt"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(*command):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fuse-overlayfs' mount_program defaults apply as root")
+def test_as_root_lowerdir_mounts_get_the_mount_program_defaults(mounts, lower, open_point):
+    """allow_other with the kernel's mode checks, suid and dev: what podman's containers need."""
+    point = mounts.mount_lowers([lower], mountpoint=open_point)
+    flags, options = mount_options_of(point)
+    assert "allow_other" in options and "default_permissions" in options
+    assert "nosuid" not in flags and "nodev" not in flags
+    assert as_nobody("ls", str(point / "dir")).stdout == "file\n"              # others may enter ...
+    denied = as_nobody("cat", str(point / "dir" / "file"))
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr      # ... modes still hold
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fuse-overlayfs' mount_program defaults apply as root")
+def test_nosuid_nodev_given_are_kept(mounts, lower):
+    point = mounts.mount("-o", f"lowerdir={lower},nosuid,nodev", store=False)
+    flags, _ = mount_options_of(point)
+    assert {"nosuid", "nodev"} <= flags
+
+
+def test_every_accepted_option_mounts_and_only_unknown_ones_are_warned_about(mounts, rw_spec):
+    accepted = ("volatile,fsync=1,userxattr,xino=on,xino=off,xino=auto,metacopy=on,index=on,redirect_dir=on,"
+                "timeout=1000,threaded=1,fast_ino=1,writeback=0,static_nlink,ino32_t,noacl,noatime,"
+                'context="system_u:object_r:container_file_t:s0:c1,c2"')
+    result = mounts.mount("-o", f"{rw_spec},,{accepted},frobnicate=1,", store=False, expect_ok=False)
+    assert result.returncode == 0, result.stderr
+    point = mounts.points[-1]
+    assert "unknown option ignored: frobnicate=1" in result.stderr
+    assert "unknown option" not in result.stderr.replace("unknown option ignored: frobnicate=1", "")
+    (point / "dir" / "new").write_text("written\n")
+    assert (point / "dir" / "file").read_text() == "lower\n"
+    assert (point / "dir" / "new").read_text() == "written\n"
+
+
+@pytest.mark.parametrize("option", ["uidmapping=0:100000:65536", "gidmapping=0:100000:65536", "squash_to_root",
+                                    "squash_to_uid=1000", "squash_to_gid=1000", "xattr_permissions=2",
+                                    "noxattrs"])
+def test_view_options_not_built_yet_are_refused_not_pretended(mounts, rw_spec, option):
+    result = mounts.mount("-o", f"{rw_spec},{option}", store=False, expect_ok=False)
+    assert result.returncode == 5 and "not supported yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not mounts.points
+
+
+@pytest.mark.parametrize("foreground", [[], ["-f"]])
+def test_a_mount_error_names_libfuses_reason_and_exits_5(mounts, lower, foreground):
+    result = mounts.mount("-o", f"lowerdir={lower},max_read=lots", *foreground, store=False, expect_ok=False)
+    assert result.returncode == 5
+    assert result.stderr.strip().splitlines() == [
+        f"layermount: mount {mounts.mountpoint()}: cannot mount: invalid parameter in option `max_read=lots'"]
+    assert not mounts.points
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become nobody (setpriv)")
+def test_fusermount3s_reason_reaches_an_unprivileged_user(user_dir, user_fuse):
+    """Without user_allow_other in /etc/fuse.conf, fusermount3 refuses allow_other: its words, one line."""
+    if "\nuser_allow_other" in "\n" + open("/etc/fuse.conf").read():
+        pytest.skip("/etc/fuse.conf sets user_allow_other here")
+    for name in ("lower", "mnt"):
+        (user_dir / name).mkdir()
+        os.chown(user_dir / name, 65534, 65534)
+    result = as_user("-o", f"lowerdir={user_dir / 'lower'},allow_other", user_dir / "mnt", check=False)
+    assert result.returncode == 5
+    assert result.stderr.strip().splitlines() == [
+        f"layermount: mount {user_dir / 'mnt'}: cannot mount: fusermount3: option allow_other only allowed "
+        f"if 'user_allow_other' is set in /etc/fuse.conf"]
