@@ -12,7 +12,9 @@ what is left and resets the storage, also when a step failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import os
 import shutil
 import stat
@@ -74,14 +76,18 @@ def build_image(path: Path, helper: Path) -> Path:
 class Client:
     """podman and buildah on one private storage root with one mount_program."""
 
-    def __init__(self, base: Path, program: str):
+    def __init__(self, base: Path, program: str, storage_conf: Path | None = None):
+        """Storage named on every command line, or by ``storage_conf`` (CONTAINERS_STORAGE_CONF)."""
         self.base = base
         self.program = program
-        self.storage = ["--root", str(base / "root"), "--runroot", str(base / "runroot"),
-                        "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
+        self.storage = [] if storage_conf else [
+            "--root", str(base / "root"), "--runroot", str(base / "runroot"),
+            "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
         conf = base / "containers.conf"
         conf.write_text(CONTAINERS_CONF)
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
+        if storage_conf:
+            self.env["CONTAINERS_STORAGE_CONF"] = str(storage_conf)
 
     def run(self, tool: str, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         extra = ["--cgroup-manager", "cgroupfs", "--events-backend", "file"] if tool == "podman" else []
@@ -126,11 +132,10 @@ def image_tar(tmp_path_factory) -> Path:
     return build_image(scratch / "image.tar", scratch / "helper")
 
 
-@pytest.fixture(scope="module", params=["layermount", "fuse-overlayfs"])
-def client(request, image_tar):
-    base = Path(tempfile.mkdtemp(prefix=f"lm-{request.param[:5]}-"))   # podman: a runroot of <= 50 characters
-    program = str(layermount_wrapper(base)) if request.param == "layermount" else shutil.which("fuse-overlayfs")
-    client = Client(base, program)
+@contextlib.contextmanager
+def loaded_client(base: Path, program: str, image_tar: Path, storage_conf: Path | None = None):
+    """A client whose storage holds the test image; everything removed at the end, failure or not."""
+    client = Client(base, program, storage_conf)
     try:
         loaded = client.podman("load", "-i", image_tar)
         assert f"Loaded image: {IMAGE}" in loaded.stdout
@@ -142,8 +147,35 @@ def client(request, image_tar):
         assert not left, f"mounts left behind: {left}"
 
 
+def short_temp_dir(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"lm-{name[:5]}-"))   # podman wants a runroot of <= 50 characters
+
+
+@pytest.fixture(scope="module", params=["layermount", "fuse-overlayfs"])
+def client(request, image_tar):
+    base = short_temp_dir(request.param)
+    program = str(layermount_wrapper(base)) if request.param == "layermount" else shutil.which("fuse-overlayfs")
+    with loaded_client(base, program, image_tar) as client:
+        yield client
+
+
+def root_fstype(client: Client, *run_args) -> str:
+    """The filesystem type of the container's / as the container sees it."""
+    lines = run_in(client, *run_args, IMAGE, "cat", "/proc/self/mountinfo").stdout.splitlines()
+    fields = next(line.split() for line in lines if line.split()[4] == "/")
+    return fields[fields.index("-") + 1]
+
+
+def fstype_of(program: str) -> str:
+    return "fuse.layermount" if Path(program).name == "layermount" else "fuse.fuse-overlayfs"
+
+
 def run_in(client: Client, *args, check: bool = True) -> subprocess.CompletedProcess:
     return client.podman("run", "--rm", "--network", "none", *args, check=check)
+
+
+def test_the_root_is_served_by_the_mount_program(client):
+    assert root_fstype(client) == fstype_of(client.program)
 
 
 def test_load_keeps_the_layer_history(client):
@@ -220,7 +252,7 @@ def test_image_mount_and_container_mount(client):
     finally:
         client.podman("image", "unmount", IMAGE)
     name = f"mounted-{Path(client.program).name}"
-    client.podman("create", "--name", name, IMAGE, "true")
+    client.podman("create", "--name", name, "--network", "none", IMAGE, "true")
     try:
         root = Path(client.podman("mount", name).stdout.strip())
         (root / "srv" / "from-host").write_text("written on the host\n")
@@ -257,3 +289,18 @@ def test_buildah_bud_of_a_three_step_containerfile_then_podman_run(client, tmp_p
     history = client.podman("history", "--format", "{{.CreatedBy}}", "localhost/bud:latest").stdout.splitlines()
     assert history[0] == "/bin/sh -c cat /one /copied > /both" and "COPY" in history[1]
     assert history[2:] == ["/bin/sh -c echo one > /one && rm /srv/secret", "ADD helper", "ADD srv", "ADD busybox"]
+
+
+def test_readme_storage_conf_as_written(image_tar):
+    """The README's storage.conf block, with only the path and a private root filled in."""
+    section = (REPO / "README.md").read_text().split("## Use with podman and buildah", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    base = short_temp_dir("readme")
+    wrapper = layermount_wrapper(base)
+    conf = re.sub(r'mount_program = "[^"]*"', f'mount_program = "{wrapper}"', block, count=1)
+    assert conf != block and conf.startswith("[storage]\n")
+    conf = conf.replace("[storage]\n", f'[storage]\ngraphroot = "{base}/root"\nrunroot = "{base}/runroot"\n', 1)
+    (base / "storage.conf").write_text(conf)
+    with loaded_client(base, str(wrapper), image_tar, storage_conf=base / "storage.conf") as client:
+        assert root_fstype(client) == "fuse.layermount"
+        assert run_in(client, IMAGE, "cat", "/srv/hello.txt").stdout == "hello from layer 3\n"
