@@ -78,6 +78,12 @@ class ParsedOptions:
         return self.lowerdirs is not None or self.upperdir is not None or self.workdir is not None
 
 
+def shown(text: str) -> str:
+    """An option fit for a one-line message: control characters escaped, very long ones elided."""
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= 120 else text[:60] + "..." + text[-40:]
+
+
 def split_options(text: str) -> list[str]:
     """Split at commas outside double quotes; a backslash escapes the next character; empty items go."""
     items, current, quoted, escaped = [], [], False, False
@@ -96,7 +102,7 @@ def split_options(text: str) -> list[str]:
         else:
             current.append(char)
     if quoted:
-        raise UsageError(f"-o {text!r}: a double quote is not closed")
+        raise UsageError(f"-o {shown(text)}: a double quote is not closed")
     items.append("".join(current))
     return [item for item in items if item]
 
@@ -111,35 +117,40 @@ def parse_id_mapping(option: str, value: str) -> tuple[IdRange, ...]:
     """fuse-overlayfs' ``[:]CONTAINER:HOST:LEN[:CONTAINER:HOST:LEN...]`` (a leading colon is allowed)."""
     fields = value[1:].split(":") if value.startswith(":") else value.split(":")
     if not value or len(fields) % 3:
-        raise UsageError(f"{option}={value}: expected CONTAINER:HOST:LENGTH triples separated by ':'")
-    try:
-        numbers = [int(number, 10) for number in fields]
-    except ValueError:
-        raise UsageError(f"{option}={value}: ids and lengths must be decimal numbers") from None
+        raise UsageError(f"{option}={shown(value)}: expected CONTAINER:HOST:LENGTH triples separated by ':'")
+    if not all(_decimal(number) for number in fields):
+        raise UsageError(f"{option}={shown(value)}: ids and lengths must be decimal numbers")
+    numbers = [int(number) for number in fields]
     ranges = []
     for start in range(0, len(numbers), 3):
         container, host, length = numbers[start:start + 3]
-        if container < 0 or host < 0 or length <= 0 or max(container, host) + length > 1 << 32:
-            raise UsageError(f"{option}={value}: range {container}:{host}:{length} is outside 0..2^32 or empty")
+        if length == 0 or max(container, host) + length > 1 << 32:
+            raise UsageError(f"{option}={shown(value)}: range {container}:{host}:{length} is empty or "
+                             f"goes past 2^32")
         ranges.append(IdRange(container, host, length))
     for kind, ends in (("container", [(r.container, r.length) for r in ranges]),
                        ("host", [(r.host, r.length) for r in ranges])):
         ends.sort()
         for (first, length), (second, _) in zip(ends, ends[1:]):
             if first + length > second:
-                raise UsageError(f"{option}={value}: {kind} ranges overlap")
+                raise UsageError(f"{option}={shown(value)}: {kind} ranges overlap")
     return tuple(ranges)
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: int() would also take '+1', ' 1', '1_000' and other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
 def _id_number(option: str, value: str) -> int:
-    if not value.isdigit() or int(value) >= 1 << 32:
-        raise UsageError(f"{option}={value}: expected a uid/gid number")
+    if not _decimal(value) or int(value) >= 1 << 32:
+        raise UsageError(f"{option}={shown(value)}: expected a uid/gid number")
     return int(value)
 
 
 def _switch(option: str, value: str) -> bool:
     if value not in ("0", "1"):
-        raise UsageError(f"{option}={value}: expected 0 or 1")
+        raise UsageError(f"{option}={shown(value)}: expected 0 or 1")
     return value == "1"
 
 
@@ -183,7 +194,7 @@ def parse(groups: list[str]) -> ParsedOptions:
                 view.squash_gid = _id_number(key, value)
             elif key == "xattr_permissions" and has_value:
                 if value not in ("0", "1", "2"):
-                    raise UsageError(f"xattr_permissions={value}: expected 0, 1 or 2")
+                    raise UsageError(f"xattr_permissions={shown(value)}: expected 0, 1 or 2")
                 view.xattr_permissions = int(value)
             elif key == "noxattrs":
                 view.xattrs = not (_switch(key, value) if has_value else True)
@@ -206,7 +217,7 @@ def fuse_passthrough(parsed: ParsedOptions, selinux: bool | None = None) -> tupl
     are dropped with a warning, as fuse-overlayfs drops them.
     """
     options = list(parsed.fuse)
-    warnings = [f"unknown option ignored: {item}" for item in parsed.unknown]
+    warnings = [f"unknown option ignored: {shown(item)}" for item in parsed.unknown]
     if parsed.selinux and not (selinux_enabled() if selinux is None else selinux):
         warnings.append(f"{', '.join(key + '=' for key in parsed.selinux)} ignored: SELinux is not enabled")
     else:
