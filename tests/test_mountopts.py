@@ -111,6 +111,16 @@ def test_what_containers_storage_passes():
     assert parsed.view.set_options() == ["volatile"]
 
 
+@pytest.mark.parametrize("text, names", [
+    ("squash_to_root", ["squash_to_root"]),
+    ("squash_to_uid=0,squash_to_gid=0", ["squash_to_root"]),
+    ("squash_to_uid=5", ["squash_to_uid="]),
+    ("fsync=0,uidmapping=0:1:1,noxattrs", ["volatile", "uidmapping=", "noxattrs"]),
+])
+def test_view_options_are_named_as_given_for_messages(text, names):
+    assert parse([text]).view.set_options() == names
+
+
 def test_several_o_arguments_and_the_last_wins():
     parsed = parse(["lowerdir=/a,nosuid", "suid,lowerdir=/b:/c"])
     assert parsed.lowerdirs == ["/b", "/c"] and parsed.suid is True

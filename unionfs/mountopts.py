@@ -49,9 +49,11 @@ class ViewOptions:
 
     def set_options(self) -> list[str]:
         """The options given, by their fuse-overlayfs names, for messages."""
+        to_root = self.squash_uid == self.squash_gid == 0
         named = [("volatile", self.volatile), ("uidmapping=", bool(self.uid_map)),
-                 ("gidmapping=", bool(self.gid_map)), ("squash_to_uid=", self.squash_uid is not None),
-                 ("squash_to_gid=", self.squash_gid is not None),
+                 ("gidmapping=", bool(self.gid_map)), ("squash_to_root", to_root),
+                 ("squash_to_uid=", self.squash_uid is not None and not to_root),
+                 ("squash_to_gid=", self.squash_gid is not None and not to_root),
                  ("xattr_permissions=", self.xattr_permissions != 0), ("noxattrs", not self.xattrs)]
         return [name for name, given in named if given]
 
