@@ -738,7 +738,7 @@ def python_seconds(code: str) -> float:
     """One run of this Python (the one running the benchmark) with the worktree importable."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     started = time.perf_counter()
-    run([sys.executable, "-c", code], env=env)
+    run([sys.executable, "-P", "-c", code], env=env)   # -P: the worktree, not a unionfs in the cwd
     return time.perf_counter() - started
 
 

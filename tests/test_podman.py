@@ -119,7 +119,8 @@ class Client:
 def layermount_wrapper(directory: Path) -> Path:
     """An executable mount_program running this worktree's layermount with this Python."""
     wrapper = directory / "layermount"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m unionfs \"$@\"\n")
+    # -P: this worktree's unionfs even if the caller's cwd holds another one
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -P -m unionfs \"$@\"\n")
     wrapper.chmod(0o755)
     return wrapper
 
