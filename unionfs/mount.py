@@ -23,6 +23,7 @@ import trio
 
 from .errors import MountError
 from .fuse_ops import LayerOperations
+from .mountopts import shown
 from .overlay import PID_XATTR, MergedView
 
 FSTYPE = "fuse.layermount"
@@ -200,7 +201,7 @@ def _fuse_init(operations: LayerOperations, options: MountOptions) -> None:
     if failure is not None:
         lines = [line.strip() for line in printed.splitlines() if line.strip()]
         reason = lines[-1].removeprefix("fuse: ") if lines else str(failure)
-        raise MountError(f"cannot mount: {reason}")
+        raise MountError(f"cannot mount: {shown(reason)}")
 
 
 async def _main(mountpoint: str, ready_fd: int | None) -> bool:

@@ -216,7 +216,7 @@ def fuse_passthrough(parsed: ParsedOptions, selinux: bool | None = None) -> tupl
 
     SELinux labels are quoted for the LSM and their commas escaped for libfuse's own split at
     commas. Without SELinux no one in the kernel takes them and the mount would fail, so they
-    are dropped with a warning, as fuse-overlayfs drops them.
+    are dropped with a warning (fuse-overlayfs, too, mounts without them there).
     """
     options = list(parsed.fuse)
     warnings = [f"unknown option ignored: {shown(item)}" for item in parsed.unknown]

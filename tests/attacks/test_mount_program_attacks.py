@@ -122,3 +122,11 @@ def test_bad_numbers_are_usage_errors_not_crashes():
         result = run_layermount("-o", f"lowerdir=/nonexistent,{option}", "/nonexistent")
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_libfuses_reason_is_escaped_too(mounts, tmp_path):
+    """libfuse echoes a bad value back in its reason; that must not carry an escape to the terminal."""
+    (tmp_path / "lower").mkdir()
+    result = mounts.mount("-o", f"lowerdir={tmp_path / 'lower'},max_read=\x1b[2J", store=False, expect_ok=False)
+    assert result.returncode == 5 and "\x1b" not in result.stderr
+    assert "invalid parameter in option `max_read=\\x1b[2J'" in result.stderr
