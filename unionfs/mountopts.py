@@ -23,7 +23,7 @@ SELINUX_VALUED = frozenset({"context", "fscontext", "defcontext", "rootcontext"}
 # fuse-overlayfs tuning that layermount already behaves as (or has no use for): accepted, no effect.
 NO_EFFECT_FLAGS = frozenset({"userxattr", "static_nlink", "ino32_t", "noacl", "nfs_export", "lazytime"})
 NO_EFFECT_VALUED = frozenset({"redirect_dir", "index", "xino", "metacopy", "timeout", "threaded", "fast_ino",
-                              "writeback", "plugins", "max_idle_threads"})
+                              "writeback", "max_idle_threads"})
 
 
 @dataclass(frozen=True)
