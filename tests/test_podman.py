@@ -7,7 +7,7 @@ containers.conf makes podman run on this machine: runc (crun refuses the hybrid 
 layout), cgroupfs, file events, and explicit ulimits (podman cannot apply its nproc default).
 The image is built here: busybox-static over three layers, with a setuid-root helper
 compiled with gcc -static. Teardown removes every container and build container, unmounts
-what is left and resets the storage, also when a step failed.
+what is left and deletes the storage, also when a step failed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
+# Kept inside the test's directory too, so nothing of the host's podman is read or changed.
+PRIVATE_DIRS = """
+tmp_dir = "{base}/tmp"
+
+[network]
+network_config_dir = "{base}/networks"
+"""
+BLOB_INFO_CACHE = Path("/var/lib/containers/cache")   # containers/image's, whatever --root says
 
 SETUID_HELPER = r"""
 #include <stdio.h>
@@ -84,7 +92,7 @@ class Client:
             "--root", str(base / "root"), "--runroot", str(base / "runroot"),
             "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
         conf = base / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
+        conf.write_text(CONTAINERS_CONF + PRIVATE_DIRS.format(base=base))
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
         if storage_conf:
             self.env["CONTAINERS_STORAGE_CONF"] = str(storage_conf)
@@ -111,7 +119,7 @@ class Client:
         self.podman("rm", "-af", "-t", "0", check=False)
         self.buildah("rm", "-a", check=False)
         self.podman("image", "unmount", "-a", "-f", check=False)
-        self.podman("system", "reset", "-f", check=False)
+        self.podman("rmi", "-af", check=False)
         for point in sorted(self.mounts_below(), reverse=True):
             subprocess.run(["umount", "-l", point], capture_output=True)
 
@@ -123,6 +131,18 @@ def layermount_wrapper(directory: Path) -> Path:
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -P -m unionfs \"$@\"\n")
     wrapper.chmod(0o755)
     return wrapper
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_host_cache_left():
+    """podman load writes a blob-info cache under /var/lib/containers whatever the storage root;
+    one this module created goes with it."""
+    existed = BLOB_INFO_CACHE.exists()
+    yield
+    if not existed:
+        shutil.rmtree(BLOB_INFO_CACHE, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            BLOB_INFO_CACHE.parent.rmdir()
 
 
 @pytest.fixture(scope="module")
