@@ -4,6 +4,7 @@
   scripts/bench.py mount [--quick] [--json FILE]   mount, tree walks, reads, stats at 2/64/128 layers
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
   scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
+  scripts/bench.py mount-ready [--quick]           mount to ready (median of 20 mounts), and where it goes
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
 The layers are generated into a temp dir (--dir picks where) that is removed at
@@ -728,9 +729,62 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
     return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
 
 
+READY_LAYERS, READY_FILES = 3, 200
+# What the daemon needs before it can answer: the CLI, the FUSE operations, pyfuse3 and trio.
+MOUNT_PATH_IMPORTS = "import unionfs.cli, unionfs.mount, unionfs.fuse_ops, unionfs.mountopts, pyfuse3, trio"
+
+
+def python_seconds(code: str) -> float:
+    """One run of this Python (the one running the benchmark) with the worktree importable."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    run([sys.executable, "-P", "-c", code], env=env)   # -P: the worktree, not a unionfs in the cwd
+    return time.perf_counter() - started
+
+
+def bench_mount_ready(session: Session, mounters: list[Mounter], reps: int) -> Results:
+    """Mount-to-ready, the cost podman and buildah pay on every run, diff and commit.
+
+    Each sample is one mount of 3 small layers (read-only, then with upper + work as podman
+    mounts them), timed from exec until the root lists; the rows below split layermount's
+    time into the interpreter's start and the imports on the mount path.
+    """
+    mounts = 5 if reps == 1 else 20
+    for name in range(READY_LAYERS):
+        for form in ("oci", "ovl"):
+            for number in range(READY_FILES):
+                write_bytes(session.root / "ready" / form / f"l{name}" / f"d{number % 10}" / f"f{name}-{number}",
+                            b"x" * number)
+    results = Results(mounters)
+    results.row("ready_ro", f"mount to ready, {READY_LAYERS} lowers read-only", "s")
+    results.row("ready_rw", f"mount to ready, {READY_LAYERS} lowers + upper (as podman)", "s")
+    python_start = results.row("python_start", "  of which: Python start (python -c pass)", "s")
+    imports = results.row("imports", "  of which: Python start + mount-path imports", "s")
+
+    def ready(mounter, writable):
+        lowers = [session.root / "ready" / mounter.form / f"l{name}" for name in reversed(range(READY_LAYERS))]
+        upper = work = None
+        if writable:
+            scratch = session.scratch("rw")
+            (upper := scratch / "upper").mkdir()
+            (work := scratch / "work").mkdir()
+        with session.mounted(mounter, lowers, upper, work) as (point, seconds):
+            return {"ready_rw" if writable else "ready_ro": (seconds, sorted(os.listdir(point)))}
+
+    progress(f"{mounts} mounts per mounter and kind")
+    for _ in range(mounts):
+        for mounter in mounters:
+            results.run_case(mounter, ["ready_ro"], lambda: ready(mounter, False))
+            results.run_case(mounter, ["ready_rw"], lambda: ready(mounter, True))
+        python_start.samples.setdefault("layermount", []).append(python_seconds("pass"))
+        imports.samples.setdefault("layermount", []).append(python_seconds(MOUNT_PATH_IMPORTS))
+    return results
+
+
 BENCHMARKS = {
     "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
+    "mount-ready": (bench_mount_ready, "mount to ready, median of 20 mounts (5 with --quick)"),
 }
 
 
@@ -791,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         session.close()
     env = environment(mounters, reps)
-    print_table(results, f"{args.mode}: {description} (median of {reps}; kernel {env['kernel']}, "
+    print_table(results, f"{args.mode}: {description} ({'' if args.mode == 'mount-ready' else f'median of {reps}; '}kernel {env['kernel']}, "
                          f"{env['cpus']} CPUs, {time.perf_counter() - started:.0f} s)")
     if args.json:
         rows = [{"key": key, "label": row.label, "unit": row.unit,

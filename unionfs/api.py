@@ -18,6 +18,7 @@ from pathlib import Path
 from . import safepath
 from .errors import ImageError, MountError, UsageError
 from .mount import FSTYPE, MountOptions, mount, mount_entries
+from .mountopts import ViewOptions
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
 from .textsafe import shown
@@ -47,12 +48,13 @@ def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLaye
 
 
 def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,
-                upper_dir: str | None = None) -> int:
+                upper_dir: str | None = None, view_options: ViewOptions | None = None) -> int:
     """Unpack what is missing, then mount; returns the daemon pid once the mount is ready.
 
     Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
     into a throw-away upper in the store that goes with the unmount.
     """
+    check_view_options(view_options or ViewOptions())
     stored = unpack(image, store, progress)
     held = store.hold_layers([layer.diff_id for layer in stored])
     cleanup = None
@@ -116,8 +118,10 @@ def _open_upper(upper: tuple[str, str], whiteout_form: str):
 
 
 def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str | None = None,
-                    workdir: str | None = None, whiteout_form: str = OVERLAY) -> int:
+                    workdir: str | None = None, whiteout_form: str = OVERLAY,
+                    view_options: ViewOptions | None = None) -> int:
     """Mount plain layer directories, top first, as kernel overlayfs' lowerdir= takes them."""
+    check_view_options(view_options or ViewOptions())
     for kind, path in [("lowerdir", p) for p in lowerdirs] + [("upperdir", upperdir), ("workdir", workdir)]:
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{kind} {path}: not a directory")
@@ -129,6 +133,17 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
         upper = _open_upper((upperdir, workdir), whiteout_form) if upperdir and not options.read_only else None
         return MergedView([Layer.open(path) for path in lowerdirs], upper)
     return mount(open_view, options)
+
+
+def check_view_options(view: ViewOptions) -> None:
+    """Refuse what the merged view cannot do yet rather than mount as if it did.
+
+    ``volatile`` is accepted: podman and buildah always pass it, and it only allows skipping
+    fsyncs; every fsync still happening is correct, merely slower.
+    """
+    missing = [name for name in view.set_options() if name != "volatile"]
+    if missing:
+        raise MountError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not supported yet")
 
 
 # ---- provenance ---------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from . import __version__, api
+from . import __version__, api, mountopts
 from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             args = _subcommand_parser().parse_args(argv)
             return _run_subcommand(args)
         args = _mount_parser().parse_intermixed_args(argv)
-        return _run_mount(args)
+        code = _run_mount(args)
+        if not args.foreground and not args.debug:
+            _leave_the_daemon_serving(code)
+        return code
     except LayermountError as exc:
         _print(f"layermount: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -189,35 +192,39 @@ def _input_of(args: argparse.Namespace | None) -> str:
     return "layermount"
 
 
-def _split_mount_options(raw: list[str]) -> tuple[dict[str, str], list[str]]:
-    named, passthrough = {}, []
-    for group in raw:
-        for option in filter(None, group.split(",")):
-            key, _, value = option.partition("=")
-            if key in ("lowerdir", "upperdir", "workdir"):
-                named[key] = value
-            else:
-                passthrough.append(option)
-    return named, passthrough
+def _leave_the_daemon_serving(code: int) -> None:
+    """Exit at once once the forked daemon serves: the interpreter's teardown would write to
+    every object, and after fork() every page written is copied (0.1 s, as long as the mount)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_mount(args: argparse.Namespace) -> int:
-    named, passthrough = _split_mount_options(args.options)
-    options = MountOptions(mountpoint="", foreground=args.foreground or args.debug, debug=args.debug,
-                           allow_other=args.allow_other, suid=args.suid, dev=args.dev, log_file=args.log,
-                           read_only=args.read_only or "ro" in passthrough, layers_dir=not args.no_layers_dir,
-                           extra_options=[option for option in passthrough if option not in ("ro", "rw")])
-    if "lowerdir" in named:
+    parsed = mountopts.parse(args.options)
+    fuse_options, warnings = mountopts.fuse_passthrough(parsed)
+    for warning in warnings:
+        print(f"layermount: {warning}", file=sys.stderr)
+    # -o lowerdir= as root is how podman and buildah run a mount_program: fuse-overlayfs'
+    # defaults there (others may enter, setuid and devices work); image mounts stay closed.
+    as_mount_program = parsed.lowerdirs is not None and os.geteuid() == 0
+    options = MountOptions(
+        mountpoint="", foreground=args.foreground or args.debug, debug=args.debug,
+        allow_other=args.allow_other or parsed.allow_other or as_mount_program,
+        suid=parsed.suid if parsed.suid is not None else args.suid or as_mount_program,
+        dev=parsed.dev if parsed.dev is not None else args.dev or as_mount_program,
+        log_file=args.log, read_only=args.read_only or parsed.read_only, layers_dir=not args.no_layers_dir,
+        extra_options=fuse_options)
+    if parsed.lowerdirs is not None:
         if len(args.paths) != 1:
             raise UsageError("with -o lowerdir=..., give only the MOUNTPOINT")
         options.mountpoint = args.paths[0]
-        lowerdirs = [path for path in named["lowerdir"].split(":") if path]
-        if not lowerdirs:
+        if not parsed.lowerdirs:
             raise UsageError("lowerdir= names no directory")
-        api.mount_lowerdirs(lowerdirs, options, named.get("upperdir"), named.get("workdir"),
-                            args.whiteout_format or "overlay")
+        api.mount_lowerdirs(parsed.lowerdirs, options, parsed.upperdir, parsed.workdir,
+                            args.whiteout_format or "overlay", view_options=parsed.view)
         return 0
-    if "upperdir" in named or "workdir" in named:
+    if parsed.upperdir is not None or parsed.workdir is not None:
         raise UsageError("upperdir= and workdir= go with lowerdir=; for an image use --upper DIR")
     if len(args.paths) != 2:
         raise UsageError("usage: layermount IMAGE MOUNTPOINT (or -o lowerdir=L3:L2:L1 MOUNTPOINT)")
@@ -226,7 +233,8 @@ def _run_mount(args: argparse.Namespace) -> int:
     image = api.load_image([image_path], platform=args.platform, ref=args.ref)
     if args.whiteout_format == "overlay":
         raise UsageError("an image mount's upper is an OCI layer: --whiteout-format overlay is for -o upperdir=")
-    api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper)
+    api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper,
+                    view_options=parsed.view)
     return 0
 
 

@@ -23,6 +23,7 @@ import trio
 
 from .errors import MountError
 from .fuse_ops import LayerOperations
+from .mountopts import shown
 from .overlay import PID_XATTR, MergedView
 
 FSTYPE = "fuse.layermount"
@@ -108,7 +109,8 @@ def mount(view_factory: Callable[[], MergedView], options: MountOptions,
     options.mountpoint = mountpoint
     view = view_factory()
     if options.foreground:
-        _serve(view, options, ready_fd=None, cleanup=cleanup)
+        if _serve(view, options, ready_fd=None, cleanup=cleanup) != 0:
+            raise MountError(f"mount {options.mountpoint}: the FUSE loop failed (see the messages above)")
         return os.getpid()
     ready_read, ready_write = os.pipe()
     pid = os.fork()
@@ -147,16 +149,20 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
                         format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
     operations = LayerOperations(view, layers_dir=options.layers_dir)
     try:
-        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
-    except Exception as exc:  # pyfuse3 reports mount failures as RuntimeError
-        _report(ready_fd, f"cannot mount: {exc}")
+        _fuse_init(operations, options)
+    except MountError as exc:
         view.close()
+        if ready_fd is None:
+            raise MountError(f"mount {options.mountpoint}: {exc}") from None
+        _report(ready_fd, str(exc))
         return 1
     unmounted_by_us = False
+    failed = False
     try:
         unmounted_by_us = trio.run(_main, options.mountpoint, ready_fd)
     except Exception:
         log.exception("FUSE loop failed")
+        failed = True
     finally:
         pyfuse3.close(unmount=unmounted_by_us)
         if operations.cuts is not None:
@@ -164,7 +170,38 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
         view.close()
         if cleanup is not None:
             cleanup()
-    return 0
+    return 1 if failed else 0
+
+
+def _fuse_init(operations: LayerOperations, options: MountOptions) -> None:
+    """pyfuse3.init, with libfuse's and fusermount3's own reason in the error.
+
+    Both print the reason on stderr (fd 2) and pyfuse3 raises only "fuse_session_new() failed",
+    so fd 2 goes to a memory file for the call; what was printed is then passed on to the real
+    stderr (the log) and its last line names the failure.
+    """
+    captured = os.memfd_create("layermount-fuse-init")
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(captured, 2)
+    try:
+        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
+    except Exception as exc:  # pyfuse3 reports mount failures as RuntimeError
+        failure = exc
+    else:
+        failure = None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        printed = os.pread(captured, 1 << 16, 0).decode(errors="replace")
+        os.close(captured)
+    if printed and not (failure is not None and options.foreground):   # else the error line says it
+        sys.stderr.write(printed)
+        sys.stderr.flush()
+    if failure is not None:
+        lines = [line.strip() for line in printed.splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("fuse: ") if lines else str(failure)
+        raise MountError(f"cannot mount: {shown(reason)}")
 
 
 async def _main(mountpoint: str, ready_fd: int | None) -> bool:
