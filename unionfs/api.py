@@ -365,7 +365,10 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
     from .mount import unmount
     from .runtime import container_for, fresh_volumes, run
 
-    mountpoint = tempfile.mkdtemp(prefix="layermount-run-")
+    # The mount's root is 0755 like any root: only a private (0700) parent keeps other users out.
+    private_parent = tempfile.mkdtemp(prefix="layermount-run-")
+    mountpoint = os.path.join(private_parent, "root")
+    os.mkdir(mountpoint, 0o700)
     volumes_base = None
     try:
         user = ((image.config.get("config") or {}).get("User") or "").split(":")[0]
@@ -386,3 +389,4 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
             shutil.rmtree(volumes_base, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(mountpoint)
+            os.rmdir(private_parent)

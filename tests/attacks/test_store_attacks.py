@@ -596,3 +596,31 @@ def test_a_mountpoint_swapped_for_a_symlink_before_mount_never_covers_the_target
         unmount_below(victim)
     assert not any(covered)
     assert (victim / "sentinel").read_text() == "host file"
+
+
+def test_the_mount_of_run_is_out_of_other_users_reach(tmp_path, store_dir):
+    """Attack: while `layermount run` serves an image, another user walks into its mountpoint
+    under /tmp (the mount's root is 0755) and reads or writes the container's files. Must hold:
+    the mountpoint sits in a 0700 directory, so nobody cannot even stat it."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not os.path.exists(busybox):
+        pytest.skip("needs a static busybox (Debian busybox-static)")
+    from test_run import build_busybox
+
+    image = build_busybox(tmp_path / "busybox.tar")
+    before = {point for point, kind in mount_entries() if kind == FSTYPE}
+    runner = subprocess.Popen([sys.executable, "-m", "unionfs", "run", "--store", store_dir, "-q", image,
+                               "/bin/sh", "-c", "echo ready; read line"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout.readline().strip() == "ready"
+        points = [point for point, kind in mount_entries() if kind == FSTYPE and point not in before
+                  and "layermount-run-" in point]
+        assert len(points) == 1
+        parent = os.path.dirname(points[0])
+        assert os.stat(parent).st_mode & 0o777 == 0o700
+        looked = as_nobody("ls", points[0] + "/etc", check=False)
+        assert looked.returncode != 0 and "Permission denied" in looked.stderr
+    finally:
+        runner.communicate("go\n", timeout=60)
+    assert runner.returncode == 0
