@@ -17,7 +17,6 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -8,7 +8,6 @@ are planted and checked around the cases that aim at them.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import io
