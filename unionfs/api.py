@@ -386,7 +386,8 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
             unmount(mountpoint)
     finally:
         if volumes_base is not None:
-            shutil.rmtree(volumes_base, ignore_errors=True)
+            with contextlib.suppress(OSError):     # what the container left, however deep
+                remove_tree(Path(volumes_base))
         with contextlib.suppress(OSError):
             os.rmdir(mountpoint)
             os.rmdir(private_parent)

@@ -623,3 +623,21 @@ def test_the_mount_of_run_is_out_of_other_users_reach(tmp_path, store_dir):
     finally:
         runner.communicate("go\n", timeout=60)
     assert runner.returncode == 0
+
+
+def test_a_volume_filled_1100_levels_deep_by_the_container_is_removed(tmp_path, store_dir):
+    """Attack: the command in `layermount run` builds 1,100 nested directories in a fresh volume;
+    the recursive clean-up after it died with RecursionError. Must hold: exit code of the command,
+    no traceback, no volume left on the host."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not os.path.exists(busybox):
+        pytest.skip("needs a static busybox (Debian busybox-static)")
+    from test_run import build_busybox
+
+    image = build_busybox(tmp_path / "busybox.tar")
+    before = set(Path(tempfile.gettempdir()).glob("layermount-volumes-*"))
+    script = "cd /data; i=0; while [ $i -lt 1100 ]; do mkdir d; cd d; i=$((i+1)); done; echo deep"
+    result = run_layermount("run", "--store", store_dir, "-q", image, "/bin/sh", "-c", script)
+    assert result.returncode == 0 and result.stdout.strip() == "deep", result.stderr[-500:]
+    assert "Traceback" not in result.stderr
+    assert set(Path(tempfile.gettempdir()).glob("layermount-volumes-*")) == before
