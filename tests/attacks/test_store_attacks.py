@@ -99,20 +99,32 @@ def host_secret(tmp_path) -> Path:
 
 @pytest.fixture
 def user_fuse():
-    """/dev/fuse as udev leaves it (0666) and user_allow_other as rootless podman set-ups have it."""
+    """/dev/fuse as udev leaves it (0666) and user_allow_other as rootless podman set-ups have it.
+
+    Yields a function that puts both back at once: fusermount3 reads fuse.conf only while
+    mounting, and other tests on this host want it as it was.
+    """
     mode = os.stat("/dev/fuse").st_mode & 0o777
     conf = Path("/etc/fuse.conf")
     before = conf.read_bytes() if conf.exists() else None
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored:
+            restored = True
+            os.chmod("/dev/fuse", mode)
+            if before is None:
+                conf.unlink()
+            else:
+                conf.write_bytes(before)
+
     os.chmod("/dev/fuse", 0o666)
     conf.write_bytes((before or b"") + b"\nuser_allow_other\n")
     try:
-        yield
+        yield restore
     finally:
-        os.chmod("/dev/fuse", mode)
-        if before is None:
-            conf.unlink()
-        else:
-            conf.write_bytes(before)
+        restore()
 
 
 def image_with(out: Path, *layers, tag="attack:latest") -> Path:
@@ -495,6 +507,7 @@ def test_diff_and_commit_refuse_a_mount_made_by_another_user(shared_dir, tmp_pat
                              env={"PATH": os.environ["PATH"]})
     try:
         assert spoof.stdout.readline().strip() == "ready", spoof.stderr.read()
+        user_fuse()
         assert is_mounted(str(point), FSTYPE)
         out = tmp_path / "stolen.tar"
         results = [run_layermount("commit", image, point, "-o", out),
