@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import safepath
 from .errors import ImageError, MountError, UsageError
-from .mount import FSTYPE, MountOptions, mount, mount_entries
+from .mount import FSTYPE, MountOptions, mount, mount_entries, mount_owner
 from .mountopts import ViewOptions
 from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
 from .progress import PullProgress
@@ -48,7 +48,8 @@ def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLaye
 
 
 def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,
-                upper_dir: str | None = None, view_options: ViewOptions | None = None) -> int:
+                upper_dir: str | None = None, view_options: ViewOptions | None = None, *,
+                upper_shared: bool = False) -> int:
     """Unpack what is missing, then mount; returns the daemon pid once the mount is ready.
 
     Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
@@ -66,7 +67,7 @@ def mount_image(image: Image, store: "LayerStore", options: MountOptions, progre
                 held.append(held_upper)
                 scratch = upper_dir
                 cleanup = lambda: remove_tree(Path(scratch))  # noqa: E731 - runs in the daemon
-            upper = prepare_upper(upper_dir, image=image, layers=stored, store=store)
+            upper = prepare_upper(upper_dir, image=image, layers=stored, store=store, shared=upper_shared)
 
         def open_view() -> MergedView:
             return MergedView(layers_from_store(stored), _open_upper(upper, OCI) if upper else None)
@@ -76,14 +77,25 @@ def mount_image(image: Image, store: "LayerStore", options: MountOptions, progre
             os.close(fd)
 
 
-def prepare_upper(path: str, *, image: Image, layers, store) -> tuple[str, str]:
-    """A kept upper is a directory holding ``diff/`` (the layer), ``work/`` and what it sits on."""
+def prepare_upper(path: str, *, image: Image, layers, store, shared: bool = False) -> tuple[str, str]:
+    """A kept upper is a directory holding ``diff/`` (the layer), ``work/`` and what it sits on.
+
+    ``DIR`` is made 0700 and must stay out of other users' reach (unless
+    ``shared``): copy-up puts the image's setuid-root files and devices in
+    ``DIR/diff``, where no nosuid,nodev applies. ``diff`` itself keeps 0755,
+    as it is the root directory the mount serves.
+    """
     root = Path(path)
+    if not shared:
+        _refuse_reachable_upper(root)
     try:
-        (root / "diff").mkdir(parents=True, exist_ok=True)
-        (root / "work").mkdir(exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / "diff").mkdir(mode=0o755, exist_ok=True)
+        (root / "work").mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"upper {path}: cannot create it: {exc.strerror}") from None
+    if not shared:
+        _refuse_reachable_upper(root)
     record = root / "layermount.json"
     info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
             "layers": [layer.diff_id for layer in layers]}
@@ -108,6 +120,43 @@ def read_upper_record(record: Path, upper: str) -> dict:
             or not isinstance(info.get("image_id", ""), str)):
         raise UsageError(f"upper {upper}: {record.name} is damaged (not the record layermount writes)")
     return info
+
+
+def _refuse_reachable_upper(root: Path) -> None:
+    """Refuse an upper another user could reach into, now or later.
+
+    Reaching ``DIR/diff/x`` takes search permission on every directory of the
+    path. So ``DIR`` must be searchable by its owner only, and owned by this
+    user or root (an owner can chmod it); every directory above must be owned
+    by this user or root and writable by nobody else unless sticky, or
+    another user could move ``DIR`` away and put a directory of theirs, or a
+    symlink to one, in its place before the next mount.
+    """
+    from .errors import StoreError
+
+    me = os.geteuid()
+    hint = "make it private (chmod 700) or pass --upper-shared"
+    real = Path(os.path.realpath(root))
+    for directory in [*reversed(real.parents)] + [real]:
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            break
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, me):
+            raise StoreError(f"upper {root}: {directory} belongs to uid {st.st_uid}, who can reach into it; {hint}")
+        if directory == real:
+            if mode & 0o033:
+                raise StoreError(f"upper {root}: mode {mode:04o} lets other users reach into it (a copy-up puts "
+                                 f"setuid files and devices there, outside the mount's nosuid,nodev); {hint}")
+            for inner in ("diff", "work"):
+                with contextlib.suppress(FileNotFoundError):
+                    owner = os.lstat(directory / inner).st_uid
+                    if owner not in (0, me):
+                        raise StoreError(f"upper {root}: {inner} belongs to uid {owner}; {hint}")
+        elif mode & 0o022 and not mode & stat.S_ISVTX:
+            raise StoreError(f"upper {root}: {directory} is writable by other users, who could swap the upper "
+                             f"for their own; {hint}")
 
 
 def _open_upper(upper: tuple[str, str], whiteout_form: str):
@@ -164,14 +213,31 @@ def find_mount(path: str) -> tuple[str, str]:
 
 
 def mount_stack(mountpoint: str) -> list[dict]:
+    """The layers of a mount, top first, as its daemon tells them.
+
+    Only a mount of this user's or root's is asked: anyone can run a FUSE
+    daemon that calls itself layermount and names root-only directories as
+    its layers, for root's ``commit`` to tar.
+    """
+    owner = mount_owner(mountpoint)
+    if owner not in (0, os.geteuid()):
+        who = "nobody known" if owner is None else f"uid {owner}"
+        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
+                         f"trusted (give the upper directory itself)")
     try:
-        return json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
+        stack = json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
     except OSError as exc:
         raise MountError(f"{mountpoint}: cannot ask the daemon for its layers: {exc.strerror}") from None
+    except ValueError:
+        raise MountError(f"{mountpoint}: the daemon's list of layers is not JSON") from None
+    if not isinstance(stack, list) or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                                              and isinstance(entry.get("path"), str) for entry in stack):
+        raise MountError(f"{mountpoint}: the daemon's list of layers is malformed")
+    return stack
 
 
 def remove_tree(path: Path) -> None:
-    from .store import remove_tree as remove
+    from .fstree import remove_tree as remove
 
     remove(path)
 
@@ -256,22 +322,40 @@ def commit(image: Image, upper: UpperInfo, out: str, *, message: str | None = No
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"{out}: directory {out_dir} does not exist")
-    with tempfile.TemporaryDirectory(prefix=".layermount-commit-", dir=out_dir) as scratch:
-        layer_files = []
-        for index, ref in enumerate(image.layers):
-            path = os.path.join(scratch, f"layer{index}.tar")
-            with ref.open() as blob, open(path, "wb") as tar_file:
-                shutil.copyfileobj(open_decompressed(blob), tar_file, 1 << 20)
-            layer_files.append(path)
-        new_layer = os.path.join(scratch, "upper.tar")
-        with open(new_layer, "wb") as tar_file:
-            write_layer_tar(upper.upper, tar_file)
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        config = copy.deepcopy(image.config)
-        config["created"] = now
-        config.setdefault("history", []).append(
-            {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
-        return write_image(out, layer_files + [new_layer], config, format=image_format, repo_tag=tag)
+    # The new image holds all the old one does and the upper's files: no wider than the
+    # image it came from, and the caller's umask on top. Directories (oci-dir) get x where r.
+    mode = _commit_mode(image.source)
+    old_umask = os.umask(0o777 & ~(mode | (mode & 0o444) >> 2))
+    try:
+        with tempfile.TemporaryDirectory(prefix=".layermount-commit-", dir=out_dir) as scratch:
+            layer_files = []
+            for index, ref in enumerate(image.layers):
+                path = os.path.join(scratch, f"layer{index}.tar")
+                with ref.open() as blob, open(path, "wb") as tar_file:
+                    shutil.copyfileobj(open_decompressed(blob), tar_file, 1 << 20)
+                layer_files.append(path)
+            new_layer = os.path.join(scratch, "upper.tar")
+            with open(new_layer, "wb") as tar_file:
+                write_layer_tar(upper.upper, tar_file)
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            config = copy.deepcopy(image.config)
+            config["created"] = now
+            config.setdefault("history", []).append(
+                {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
+            return write_image(out, layer_files + [new_layer], config, format=image_format, repo_tag=tag)
+    finally:
+        os.umask(old_umask)
+
+
+def _commit_mode(source: str) -> int:
+    """Permission bits for a committed image: the caller's umask, and never more than ``source`` has."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    try:
+        source_mode = stat.S_IMODE(os.stat(source).st_mode)
+    except (OSError, TypeError, ValueError):
+        source_mode = 0o600
+    return 0o666 & ~umask & source_mode | 0o600 & ~umask
 
 
 @dataclass
@@ -312,7 +396,10 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
     from .mount import unmount
     from .runtime import container_for, fresh_volumes, run
 
-    mountpoint = tempfile.mkdtemp(prefix="layermount-run-")
+    # The mount's root is 0755 like any root: only a private (0700) parent keeps other users out.
+    private_parent = tempfile.mkdtemp(prefix="layermount-run-")
+    mountpoint = os.path.join(private_parent, "root")
+    os.mkdir(mountpoint, 0o700)
     volumes_base = None
     try:
         user = ((image.config.get("config") or {}).get("User") or "").split(":")[0]
@@ -330,6 +417,8 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
             unmount(mountpoint)
     finally:
         if volumes_base is not None:
-            shutil.rmtree(volumes_base, ignore_errors=True)
+            with contextlib.suppress(OSError):     # what the container left, however deep
+                remove_tree(Path(volumes_base))
         with contextlib.suppress(OSError):
             os.rmdir(mountpoint)
+            os.rmdir(private_parent)

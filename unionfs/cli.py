@@ -69,6 +69,9 @@ def _mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", metavar="FILE", help="where the background daemon logs")
     parser.add_argument("--upper", metavar="DIR", help="keep changes in DIR (a later mount with it shows them "
                         "again); default: a throw-away upper removed at unmount")
+    parser.add_argument("--upper-shared", action="store_true",
+                        help="accept an --upper DIR that other users can reach into (a copy-up puts the image's "
+                        "setuid files and devices there, usable outside the mount's nosuid,nodev)")
     parser.add_argument("--read-only", action="store_true", help="no upper layer: every write fails with EROFS")
     parser.add_argument("--no-layers-dir", action="store_true",
                         help="no /.layers/N (the image as it stood after build step N)")
@@ -234,7 +237,7 @@ def _run_mount(args: argparse.Namespace) -> int:
     if args.whiteout_format == "overlay":
         raise UsageError("an image mount's upper is an OCI layer: --whiteout-format overlay is for -o upperdir=")
     api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper,
-                    view_options=parsed.view)
+                    view_options=parsed.view, upper_shared=args.upper_shared)
     return 0
 
 

@@ -7,13 +7,17 @@ both are walks of it; the lowers are consulted only to tell "added" from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from . import fstree
+from .errors import LayermountError
 from .overlay import HIDDEN_XATTR_PREFIXES, Layer, MergedView, is_overlay_opaque
+from .safepath import fd_path
 from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
@@ -39,36 +43,34 @@ class UpperEntry:
 
 def walk_upper(upper: str) -> Iterator[UpperEntry]:
     """Every entry of an upper in either whiteout form, parents before children, sorted."""
-    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for entry, _ in _classified(upper):
+        yield entry
+
+
+def _classified(upper: str) -> Iterator[tuple[UpperEntry, fstree.Entry]]:
+    """The upper's entries, each with the walk's entry it came from (fds to read it by, never a path)."""
+    with _reading(upper):
+        root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield from _walk(root_fd, "")
+        for found in fstree.walk(root_fd):
+            name, relpath, st = found.name, found.relpath, found.stat
+            prefix = os.path.dirname(relpath)
+            if name == OPAQUE_MARKER:
+                yield UpperEntry(prefix, "opaque", True), found
+            elif (target := whiteout_target(name)) is not None:
+                yield UpperEntry(f"{prefix}/{target}" if prefix else target, "whiteout", False), found
+            elif name.startswith(WHITEOUT_PREFIX):
+                continue
+            elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                yield UpperEntry(relpath, "whiteout", False), found
+            elif found.is_dir:
+                yield UpperEntry(relpath, "entry", True), found
+                if is_overlay_opaque(found.fd):
+                    yield UpperEntry(relpath, "opaque", True), found
+            else:
+                yield UpperEntry(relpath, "entry", False), found
     finally:
         os.close(root_fd)
-
-
-def _walk(dir_fd: int, prefix: str) -> Iterator[UpperEntry]:
-    if is_overlay_opaque(dir_fd) and prefix:
-        yield UpperEntry(prefix, "opaque", True)
-    for name in sorted(os.listdir(dir_fd)):
-        relpath = f"{prefix}/{name}" if prefix else name
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if name == OPAQUE_MARKER:
-            yield UpperEntry(prefix, "opaque", True)
-        elif (target := whiteout_target(name)) is not None:
-            yield UpperEntry(f"{prefix}/{target}" if prefix else target, "whiteout", False)
-        elif name.startswith(WHITEOUT_PREFIX):
-            continue
-        elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-            yield UpperEntry(relpath, "whiteout", False)
-        elif stat.S_ISDIR(st.st_mode):
-            yield UpperEntry(relpath, "entry", True)
-            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                yield from _walk(child, relpath)
-            finally:
-                os.close(child)
-        else:
-            yield UpperEntry(relpath, "entry", False)
 
 
 def changes(upper: str, lowers: list[str]) -> list[Change]:
@@ -76,7 +78,9 @@ def changes(upper: str, lowers: list[str]) -> list[Change]:
     view = MergedView([Layer.open(path, overlay_form=True) for path in lowers]) if lowers else None
     try:
         found: dict[str, str] = {}
-        for entry in walk_upper(upper):
+        with _reading(upper):
+            entries = list(walk_upper(upper))
+        for entry in entries:
             path = "/" + entry.relpath
             if entry.kind == "whiteout":
                 if view is None or _in_lowers(view, entry.relpath):
@@ -91,6 +95,16 @@ def changes(upper: str, lowers: list[str]) -> list[Change]:
     finally:
         if view is not None:
             view.close()
+
+
+@contextlib.contextmanager
+def _reading(upper: str):
+    """An upper that cannot be read, or changes under the walk, is one line naming the entry at fault."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+        raise LayermountError(f"upper {upper}: {where}{exc.strerror or exc}") from None
 
 
 def _in_lowers(view: MergedView, relpath: str) -> bool:
@@ -109,17 +123,22 @@ def _lower_children(view: MergedView | None, relpath: str) -> list[str]:
 
 
 def write_layer_tar(upper: str, out: BinaryIO) -> None:
-    """The upper as an OCI layer tar: whiteouts as ``.wh.`` markers, owners, modes, times, xattrs, hardlinks."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    """The upper as an OCI layer tar: whiteouts as ``.wh.`` markers, owners, modes, times, xattrs, hardlinks.
+
+    Everything is read through the walk's directory fds with O_NOFOLLOW: a
+    user of the mount who swaps a directory for a symlink while a big file is
+    being tarred gets an error or the upper's own files, never the host's.
+    """
+    with _reading(upper), tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         seen_inodes: dict[tuple[int, int], str] = {}
-        for entry in walk_upper(upper):
+        for entry, found in _classified(upper):
             if entry.kind == "whiteout":
                 parent, name = os.path.split(entry.relpath)
                 tar.addfile(_marker(os.path.join(parent, WHITEOUT_PREFIX + name)))
             elif entry.kind == "opaque":
                 tar.addfile(_marker(os.path.join(entry.relpath, OPAQUE_MARKER)))
             else:
-                _add_entry(tar, upper, entry.relpath, seen_inodes)
+                _add_entry(tar, found, seen_inodes)
 
 
 def _marker(name: str) -> tarfile.TarInfo:
@@ -128,28 +147,52 @@ def _marker(name: str) -> tarfile.TarInfo:
     return info
 
 
-def _add_entry(tar: tarfile.TarFile, upper: str, relpath: str, seen_inodes: dict) -> None:
-    path = os.path.join(upper, relpath)
-    st = os.lstat(path)
-    info = tar.gettarinfo(path, arcname=relpath)
-    info.uname = info.gname = ""
+_TAR_TYPES = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFLNK: tarfile.SYMTYPE,
+              stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE}
+
+
+def _add_entry(tar: tarfile.TarFile, found: fstree.Entry, seen_inodes: dict) -> None:
+    st = found.stat
+    kind = _TAR_TYPES.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
+        return   # a socket: tar has no type for it (as tar itself skips them)
+    info = tarfile.TarInfo(found.relpath)
+    info.type, info.mode, info.uid, info.gid = kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    info.mtime = st.st_mtime_ns // 10**9
     # Exact to the nanosecond (a float mtime would round), as PAX allows.
     info.pax_headers["mtime"] = f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"
-    xattrs = {}
-    for key in os.listxattr(path, follow_symlinks=False):
-        if not os.fsencode(key).startswith(HIDDEN_XATTR_PREFIXES):
-            xattrs["SCHILY.xattr." + key] = os.getxattr(path, key, follow_symlinks=False).decode(
-                "utf-8", "surrogateescape")
-    info.pax_headers.update(xattrs)
-    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    if kind == tarfile.SYMTYPE:
+        info.linkname = os.readlink(found.name, dir_fd=found.dir_fd)
+    if kind == tarfile.REGTYPE and st.st_nlink > 1:
         key = (st.st_dev, st.st_ino)
         if key in seen_inodes:
-            info.type, info.linkname, info.size = tarfile.LNKTYPE, seen_inodes[key], 0
+            info.type, info.linkname = tarfile.LNKTYPE, seen_inodes[key]
+            info.pax_headers.update(_xattrs(fd_path(found.dir_fd, os.fsencode(found.name))))
             tar.addfile(info)
             return
-        seen_inodes[key] = relpath
-    if info.isreg():
-        with open(path, "rb") as data:
-            tar.addfile(info, data)
-    else:
+        seen_inodes[key] = found.relpath
+    if kind != tarfile.REGTYPE:
+        target = fd_path(found.fd) if found.fd is not None else fd_path(found.dir_fd, os.fsencode(found.name))
+        info.pax_headers.update(_xattrs(target))
         tar.addfile(info)
+        return
+    fd = os.open(found.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=found.dir_fd)
+    with os.fdopen(fd, "rb") as data:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise fstree.TreeChanged(found.relpath, "a file was replaced")
+        info.size = now.st_size if now.st_size < st.st_size else st.st_size
+        info.pax_headers.update(_xattrs(fd_path(fd)))
+        tar.addfile(info, data)
+
+
+def _xattrs(path: bytes) -> dict[str, str]:
+    """The entry's own xattrs as PAX headers (ours and overlayfs' left out); ``path`` is never followed."""
+    found = {}
+    for key in os.listxattr(path, follow_symlinks=False):
+        if not os.fsencode(key).startswith(HIDDEN_XATTR_PREFIXES):
+            found["SCHILY.xattr." + key] = os.getxattr(path, key, follow_symlinks=False).decode(
+                "utf-8", "surrogateescape")
+    return found

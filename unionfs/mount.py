@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -60,35 +61,76 @@ class MountOptions:
 
 def check_mountpoint(path: str) -> str:
     """The mountpoint must be an existing, empty directory that is not already mounted on."""
-    real = os.path.realpath(path)
-    if not os.path.exists(real):
-        raise MountError(f"mountpoint {path}: does not exist")
-    if not os.path.isdir(real):
-        raise MountError(f"mountpoint {path}: not a directory")
-    if is_mounted(real):
-        raise MountError(f"mountpoint {path}: something is already mounted there")
+    fd, real = open_mountpoint(path)
+    os.close(fd)
+    return real
+
+
+def open_mountpoint(path: str) -> tuple[int, str]:
+    """Open and check the mountpoint; (its fd, its real path).
+
+    Every check is made on the fd, and root mounts through /proc/self/fd/N:
+    a user who owns a parent of the mountpoint and swaps it for a symlink (to
+    /etc, say) between the check and mount(2) cannot move the mount.
+    """
     try:
-        if os.listdir(real):
-            raise MountError(f"mountpoint {path}: not empty")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path}: does not exist") from None
+    except NotADirectoryError:
+        raise MountError(f"mountpoint {path}: not a directory") from None
     except PermissionError:
         raise MountError(f"mountpoint {path}: permission denied") from None
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse: missing (FUSE is needed to mount)")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("/dev/fuse: permission denied (unprivileged FUSE needs it mode 0666, as udev "
-                         "normally sets it, and fusermount3)")
-    return real
+    except OSError as exc:
+        raise MountError(f"mountpoint {path}: {exc.strerror}") from None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        if is_mounted(real):
+            raise MountError(f"mountpoint {path}: something is already mounted there")
+        try:
+            if os.listdir(fd):
+                raise MountError(f"mountpoint {path}: not empty")
+        except PermissionError:
+            raise MountError(f"mountpoint {path}: permission denied") from None
+        if not os.path.exists("/dev/fuse"):
+            raise MountError("/dev/fuse: missing (FUSE is needed to mount)")
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            raise MountError("/dev/fuse: permission denied (unprivileged FUSE needs it mode 0666, as udev "
+                             "normally sets it, and fusermount3)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, real
 
 
 def mount_entries() -> list[tuple[str, str]]:
     """(mountpoint, fstype) for every mount this process can see."""
+    return [(point, kind) for point, kind, _ in _mountinfo()]
+
+
+def mount_owner(mountpoint: str) -> int | None:
+    """The uid a FUSE mount belongs to (its ``user_id=``: fusermount3 sets it to whoever mounted it)."""
+    real = os.path.realpath(mountpoint)
+    owner = None
+    for point, kind, options in _mountinfo():
+        if point == real:    # the last one listed is the one on top
+            owner = None
+            for option in options.split(","):
+                if option.startswith("user_id=") and kind.startswith("fuse"):
+                    owner = int(option[len("user_id="):])
+    return owner
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, super options) of every mount this process can see."""
     entries = []
     with open("/proc/self/mountinfo", "rb") as info:
         for line in info:
             fields = line.split()
             separator = fields.index(b"-")
             point = fields[4].decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
-            entries.append((point, fields[separator + 1].decode()))
+            options = fields[separator + 3].decode(errors="replace") if len(fields) > separator + 3 else ""
+            entries.append((point, fields[separator + 1].decode(), options))
     return entries
 
 
@@ -105,11 +147,14 @@ def mount(view_factory: Callable[[], MergedView], options: MountOptions,
     ``cleanup`` runs in the daemon after the mount is gone (e.g. to delete a
     throw-away upper directory).
     """
-    mountpoint = check_mountpoint(options.mountpoint)
-    options.mountpoint = mountpoint
-    view = view_factory()
+    mountpoint_fd, options.mountpoint = open_mountpoint(options.mountpoint)
+    try:
+        view = view_factory()
+    except BaseException:
+        os.close(mountpoint_fd)
+        raise
     if options.foreground:
-        if _serve(view, options, ready_fd=None, cleanup=cleanup) != 0:
+        if _serve(view, options, mountpoint_fd, ready_fd=None, cleanup=cleanup) != 0:
             raise MountError(f"mount {options.mountpoint}: the FUSE loop failed (see the messages above)")
         return os.getpid()
     ready_read, ready_write = os.pipe()
@@ -120,10 +165,11 @@ def mount(view_factory: Callable[[], MergedView], options: MountOptions,
         try:
             os.setsid()
             _detach_stdio(options.log_file)
-            code = _serve(view, options, ready_fd=ready_write, cleanup=cleanup)
+            code = _serve(view, options, mountpoint_fd, ready_fd=ready_write, cleanup=cleanup)
         finally:
             os._exit(code)
     os.close(ready_write)
+    os.close(mountpoint_fd)
     view.close()
     with os.fdopen(ready_read, "rb") as ready:
         message = ready.read().decode(errors="replace").strip()
@@ -142,16 +188,21 @@ def _detach_stdio(log_file: str | None) -> None:
     os.dup2(out, 2)
 
 
-def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
+def _serve(view: MergedView, options: MountOptions, mountpoint_fd: int, ready_fd: int | None,
            cleanup: Callable[[], None] | None) -> int:
     """Run the FUSE loop until unmounted or signalled; 0 on a clean exit."""
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
                         format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
+    _raise_fd_limit()
     operations = LayerOperations(view, layers_dir=options.layers_dir)
+    # Root's libfuse calls mount(2) itself: give it the checked directory, not a path to resolve again.
+    # An unprivileged mount goes through fusermount3, which makes the same checks race-free itself.
+    target = f"/proc/self/fd/{mountpoint_fd}" if os.geteuid() == 0 else options.mountpoint
     try:
-        _fuse_init(operations, options)
+        _fuse_init(operations, options, target)
     except MountError as exc:
         view.close()
+        os.close(mountpoint_fd)
         if ready_fd is None:
             raise MountError(f"mount {options.mountpoint}: {exc}") from None
         _report(ready_fd, str(exc))
@@ -164,16 +215,20 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
         log.exception("FUSE loop failed")
         failed = True
     finally:
-        pyfuse3.close(unmount=unmounted_by_us)
+        pyfuse3.close(unmount=unmounted_by_us)   # through the same fd path: it stays open until here
+        os.close(mountpoint_fd)
         if operations.cuts is not None:
             operations.cuts.close()
         view.close()
         if cleanup is not None:
-            cleanup()
+            try:
+                cleanup()
+            except Exception:
+                log.exception("cleanup after unmount failed")
     return 1 if failed else 0
 
 
-def _fuse_init(operations: LayerOperations, options: MountOptions) -> None:
+def _fuse_init(operations: LayerOperations, options: MountOptions, target: str) -> None:
     """pyfuse3.init, with libfuse's and fusermount3's own reason in the error.
 
     Both print the reason on stderr (fd 2) and pyfuse3 raises only "fuse_session_new() failed",
@@ -185,7 +240,7 @@ def _fuse_init(operations: LayerOperations, options: MountOptions) -> None:
     sys.stderr.flush()
     os.dup2(captured, 2)
     try:
-        pyfuse3.init(operations, options.mountpoint, options.fuse_options())
+        pyfuse3.init(operations, target, options.fuse_options())
     except Exception as exc:  # pyfuse3 reports mount failures as RuntimeError
         failure = exc
     else:
@@ -202,6 +257,17 @@ def _fuse_init(operations: LayerOperations, options: MountOptions) -> None:
         lines = [line.strip() for line in printed.splitlines() if line.strip()]
         reason = lines[-1].removeprefix("fuse: ") if lines else str(failure)
         raise MountError(f"cannot mount: {shown(reason)}")
+
+
+def _raise_fd_limit() -> None:
+    """One fd per open file of every user of the mount: take all the fds we may (as fuse-overlayfs does).
+
+    Running out still fails only the request that needed the fd (EMFILE), at the FUSE boundary.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _main(mountpoint: str, ready_fd: int | None) -> bool:

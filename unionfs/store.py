@@ -21,7 +21,6 @@ import fcntl
 import json
 import multiprocessing
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -30,13 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DigestMismatch, ImageError, LayermountError, StoreError
+from .errors import DigestMismatch, ImageError, LayermountError, StoreError, UsageError
+from . import fstree
 from .extract import extract_layer
 from .hashing import HashingReader
 from .image.compression import open_decompressed
 from .image.model import Image, LayerRef
 
 SHA256 = "sha256:"
+# The store holds layers unpacked as root: setuid-root binaries and device nodes, outside any
+# nosuid,nodev mount. Nobody but its owner may reach into it (the FUSE daemon reads it as the owner).
+PRIVATE = 0o700
 
 
 def default_store_path() -> Path:
@@ -99,10 +102,12 @@ class LayerStore:
 
     # ---- set-up -----------------------------------------------------------
     def ensure(self) -> "LayerStore":
-        """Create the layout and clear what killed unpacks left behind."""
+        """Create the layout (private: see ``PRIVATE``) and clear what killed unpacks left behind."""
         try:
+            self.root.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+            _make_private(self.root)
             for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir):
-                directory.mkdir(parents=True, exist_ok=True)
+                directory.mkdir(mode=PRIVATE, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {self.root}: cannot create it: {exc.strerror}") from None
         self._clean_leftovers()
@@ -113,7 +118,13 @@ class LayerStore:
             key = leftover.name.split(".", 1)[0]
             with self._try_lock(key) as locked:
                 if locked:
-                    remove_tree(leftover)
+                    self._remove(leftover)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            fstree.remove_tree(path)
+        except OSError as exc:
+            raise StoreError(f"store {self.root}: cannot remove {path}: {exc.strerror or exc}") from None
 
     # ---- locking ----------------------------------------------------------
     def _lock_path(self, key: str) -> Path:
@@ -161,7 +172,7 @@ class LayerStore:
         """
         self.ensure()
         key = "mount-" + os.urandom(8).hex()
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir), fd
 
@@ -289,7 +300,7 @@ class LayerStore:
                     with self._lock(hex_of(meta["diff_id"])):
                         stored = self._publish(work, meta)
             finally:
-                remove_tree(work)
+                self._remove(work)
                 if diff_id is None:
                     # A random key is never used again: its lock file goes (we still hold it, tmp/ is clean).
                     self._lock_path(key).unlink(missing_ok=True)
@@ -380,16 +391,29 @@ class LayerStore:
         hexpart = hex_of(layer.diff_id)
         doomed = Path(tempfile.mkdtemp(prefix=f"gc-{hexpart}.", dir=self.tmp_dir))
         os.rename(self.layers_dir / hexpart, doomed / "layer")
-        remove_tree(doomed)
+        self._remove(doomed)
 
     def remove_image(self, name: str) -> list[str]:
-        """Forget recorded images matching an id prefix, tag or source path; return their ids."""
-        removed = []
-        for record in self.images():
-            if _image_matches(record, name):
-                (self.images_dir / f"{hex_of(record['id'])}.json").unlink(missing_ok=True)
-                removed.append(record["id"])
-        return removed
+        """Forget the one recorded image ``name`` names; return its id.
+
+        A tag or source path names images exactly; an id may be shortened to
+        ``MIN_ID_PREFIX`` hex digits. A name that fits several images, or an
+        id shorter than that, is refused before anything is forgotten: the
+        next gc would delete every layer they leave unused.
+        """
+        records = self.images()
+        matches = [record for record in records if _names_exactly(record, name)]
+        if not matches and (prefix := _id_prefix(name)) is not None:
+            matches = [record for record in records
+                       if str(record.get("id", ""))[len(SHA256):].startswith(prefix)]
+            if matches and len(prefix) < MIN_ID_PREFIX:
+                raise UsageError(f"store rm {_ids_shown(name)}: too short an id (give at least {MIN_ID_PREFIX} "
+                                 f"hex digits); it starts {_ids_shown(matches)}")
+        if len(matches) > 1:
+            raise UsageError(f"store rm: {len(matches)} images match, give one id: {_ids_shown(matches)}")
+        for record in matches:
+            (self.images_dir / f"{hex_of(record['id'])}.json").unlink(missing_ok=True)
+        return [record["id"] for record in matches]
 
     def gc(self) -> tuple[list[StoredLayer], list[StoredLayer]]:
         """Remove layers no recorded image uses; return (removed, kept-because-mounted)."""
@@ -423,11 +447,27 @@ def _forward_progress(events, progress: ProgressFn) -> None:
         progress(*event)
 
 
-def _image_matches(record: dict, name: str) -> bool:
-    ident = record.get("id", "")
-    return (name in record.get("repo_tags", []) or name == record.get("source")
-            or os.path.abspath(name) == record.get("source")
-            or (len(name) >= 6 and (ident.startswith(name) or ident[len(SHA256):].startswith(name))))
+MIN_ID_PREFIX = 12   # as docker's short ids
+
+
+def _names_exactly(record: dict, name: str) -> bool:
+    tags = record.get("repo_tags")
+    return ((isinstance(tags, list) and name in tags) or name == record.get("source")
+            or os.path.abspath(name) == record.get("source") or name == record.get("id"))
+
+
+def _id_prefix(name: str) -> str | None:
+    """The hex digits of an id or id prefix (``sha256:`` optional), or None if ``name`` is not one."""
+    digits = name[len(SHA256):] if name.startswith(SHA256) else name
+    return digits if all(char in "0123456789abcdef" for char in digits) else None
+
+
+def _ids_shown(what) -> str:
+    """Short ids only (hex, safe to print); tags come from images and are not."""
+    if isinstance(what, str):
+        return what if _id_prefix(what) is not None else "that name"
+    shown = ", ".join(short_id(str(record.get("id"))) for record in what[:8])
+    return shown + (f" and {len(what) - 8} more" if len(what) > 8 else "")
 
 
 class _ProgressReader:
@@ -460,24 +500,18 @@ class _ProgressReader:
         return self._inner.bytes_read
 
 
+def _make_private(root: Path) -> None:
+    """A store made by an older layermount (0755) is closed; another user's store is refused."""
+    st = root.stat()
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"store {root}: owned by uid {st.st_uid}, not by this user")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(root, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def remove_tree(path: Path) -> None:
-    """rmtree that also works on read-only dirs an unprivileged unpack left (mode 0555)."""
-    def make_writable_and_retry(function, failed_path, _exc_info):
-        parent = os.path.dirname(failed_path)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
-                os.chmod(failed_path, stat.S_IRWXU)
-        function(failed_path)
-
-    if not os.path.lexists(path):
-        return
-    shutil.rmtree(path, onerror=make_writable_and_retry)
