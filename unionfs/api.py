@@ -280,20 +280,26 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
               progress=None) -> int:
     """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
     from .mount import unmount
+    from .extract import _shown
     from .runtime import container_for, fresh_volumes, run
 
-    mountpoint = tempfile.mkdtemp(prefix="layermount-run-")
+    container = container_for(image.config, "", command)
+    # The mountpoint sits in a 0700 directory of its own: the container gets in through the
+    # pivot, no other host user can walk to it, whatever the mount's allow_other says.
+    private = tempfile.mkdtemp(prefix="layermount-run-")
+    mountpoint = os.path.join(private, "root")
+    os.mkdir(mountpoint, 0o700)
     volumes_base = None
     try:
-        user = ((image.config.get("config") or {}).get("User") or "").split(":")[0]
         # FUSE lets only the mounting user in unless allow_other: needed when the image runs as another.
+        user = container.user.split(":")[0]
         options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
+        container.volumes, volumes_base = fresh_volumes(image.config)
         mount_image(image, store, options, progress, upper_dir)
         try:
-            container = container_for(image.config, mountpoint, command)
-            container.volumes, volumes_base = fresh_volumes(image.config)
+            container.root = mountpoint
             for inside in container.volumes:
-                print(f"layermount: volume {inside} is a fresh temporary directory; writes there "
+                print(f"layermount: volume {_shown(inside)} is a fresh temporary directory; writes there "
                       f"do not go to the upper layer", file=sys.stderr)
             return run(container)
         finally:
@@ -301,5 +307,6 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
     finally:
         if volumes_base is not None:
             shutil.rmtree(volumes_base, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(mountpoint)
+        for directory in (mountpoint, private):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)

@@ -1,26 +1,61 @@
 """A toy container runtime on top of a mount: ``layermount run IMAGE [CMD ...]``.
 
-The mount is the root; the command runs in new mount, PID, UTS and IPC
-namespaces (unshare(1) makes them, so PID 1 inside is a process we control),
-with /proc, a minimal /dev, the image's Env, WorkingDir and User, a hostname,
-and a fresh directory bound over each declared volume.
+The mount is the root; the command runs in new mount, PID, UTS, IPC and cgroup
+namespaces (unshare(1) makes them, so PID 1 inside is a process we control).
+What the command must never get is the host: so the child pivots into the
+mount and detaches the old root (a chroot can be climbed out of), masks and
+write-protects the parts of /proc and /sys that act on the whole machine, as
+runc does, and drops to Docker's default capabilities before it execs. Every
+path the image names (Volumes, WorkingDir, /dev, /proc) is resolved beneath
+the mount, never through the host.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
+import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from .errors import LayermountError, UsageError
+from . import safepath
+from .errors import ImageError, LayermountError, UsageError
+from .extract import _shown as shown
 
 DEVICES = ("null", "zero", "random", "urandom", "full", "tty")
 HOSTNAME = "layermount"
+
+# Docker's default capability set (moby's oci/caps defaults), less CAP_NET_RAW: the
+# container shares the host's network, and raw sockets there would let it sniff and
+# spoof the host's traffic. Every capability not listed here leaves all five sets.
+KEPT_CAPABILITIES = {
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
+    "SETPCAP": 8, "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31,
+}
+# runc's defaults: kernel knobs for the whole machine are read-only, leaks are hidden.
+READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 38, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
+                   "s390x": 217, "armv7l": 218, "armv8l": 218}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 @dataclass
@@ -37,17 +72,45 @@ class Container:
 
 
 def container_for(config: dict, root: str, command: list[str]) -> Container:
-    """Docker's rules: CMD replaces Cmd; Entrypoint stays in front."""
+    """Docker's rules: CMD replaces Cmd; Entrypoint stays in front. Every field's type is checked."""
     runtime = config.get("config") or {}
-    entrypoint = runtime.get("Entrypoint") or []
-    argv = list(entrypoint) + (command or list(runtime.get("Cmd") or []))
+    if not isinstance(runtime, dict):
+        raise ImageError("image config: 'config' is not an object")
+    entrypoint = _strings(runtime, "Entrypoint")
+    argv = entrypoint + (command or _strings(runtime, "Cmd"))
     if not argv:
         raise UsageError("the image has no Entrypoint or Cmd: give a command after the image")
-    env = list(runtime.get("Env") or [])
+    env = _strings(runtime, "Env")
     if not any(item.startswith("PATH=") for item in env):
         env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    return Container(root=root, argv=argv, env=env, workdir=runtime.get("WorkingDir") or "/",
-                     user=runtime.get("User") or "")
+    return Container(root=root, argv=argv, env=env, workdir=_string(runtime, "WorkingDir") or "/",
+                     user=_string(runtime, "User"))
+
+
+def image_volumes(config: dict) -> list[str]:
+    """The image's declared Volumes (paths inside the container, resolved later beneath the root)."""
+    volumes = (config.get("config") or {}).get("Volumes") or {}
+    if not isinstance(volumes, dict) or not all(isinstance(path, str) and path for path in volumes):
+        raise ImageError("image config: 'Volumes' is not an object of paths")
+    if any("\0" in path for path in volumes):
+        raise ImageError("image config: a volume path holds a NUL byte")
+    return sorted(volumes)
+
+
+def _strings(runtime: dict, key: str) -> list[str]:
+    value = runtime.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item for item in value):
+        raise ImageError(f"image config: {key!r} is not a list of strings")
+    return list(value)
+
+
+def _string(runtime: dict, key: str) -> str:
+    value = runtime.get(key) or ""
+    if not isinstance(value, str) or "\0" in value:
+        raise ImageError(f"image config: {key!r} is not a string")
+    return value
 
 
 def run(container: Container) -> int:
@@ -56,59 +119,176 @@ def run(container: Container) -> int:
         raise LayermountError("layermount run needs root (it makes mount and PID namespaces)")
     if shutil.which("unshare") is None:
         raise LayermountError("layermount run needs unshare(1) from util-linux")
+    if platform.machine() not in _SYS_PIVOT_ROOT:
+        raise LayermountError(f"layermount run does not know pivot_root(2) on {platform.machine()}")
     spec = json.dumps(container.__dict__)
-    command = ["unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--propagation", "private",
+    command = ["unshare", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "--propagation", "private",
                sys.executable, "-m", "unionfs.runtime", spec]
     return subprocess.run(command).returncode
 
 
 def _enter(container: Container) -> None:
-    """In the new namespaces (we are PID 1's parent-to-be): build /proc and /dev, chroot, exec."""
-    root = container.root
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-        if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                      data.encode() if data else None) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"mount {target}: {os.strerror(error)}")
-
-    MS_BIND, MS_NOSUID, MS_NOEXEC, MS_NODEV, MS_REC = 4096, 2, 8, 4, 16384
-    for directory in ("proc", "dev"):
-        os.makedirs(os.path.join(root, directory), exist_ok=True)
-    mount("proc", os.path.join(root, "proc"), "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV)
-    dev = os.path.join(root, "dev")
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=1m")
-    for name in DEVICES:
-        host = f"/dev/{name}"
-        if os.path.exists(host):
-            open(os.path.join(dev, name), "w").close()
-            mount(host, os.path.join(dev, name), None, MS_BIND)
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, os.path.join(dev, link))
+    """In the new namespaces (we become PID 1): build the root, pivot into it, drop privileges, exec."""
+    root_fd = os.open(container.root, os.O_RDONLY | os.O_DIRECTORY)
+    # The host's files are reachable only until the pivot: bind what comes from there first.
     for inside, host in container.volumes.items():
-        target = os.path.join(root, inside.lstrip("/"))
-        os.makedirs(target, exist_ok=True)
-        mount(host, target, None, MS_BIND | MS_REC)
-    libc.sethostname(container.hostname.encode(), len(container.hostname))
-    os.chroot(root)
-    os.chdir(container.workdir if os.path.isdir(container.workdir) else "/")
+        target = make_dirs_in_root(root_fd, inside)
+        _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
+        os.close(target)
+        # An fd's magic link names the directory under the new mount: look the path up again.
+        target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
+        _mount("", _fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+        os.close(target)
+    _make_dev(root_fd)
+    _pivot_into(root_fd)
+    _mount_proc_and_sys()
+    _libc.sethostname(container.hostname.encode(), len(container.hostname))
+    _enter_workdir(container.workdir)
     uid, gid, groups = _resolve_user(container.user)
     env = dict(item.split("=", 1) for item in container.env if "=" in item)
     env.setdefault("HOSTNAME", container.hostname)
     env.setdefault("HOME", "/root" if uid == 0 else "/")
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
+    _drop_privileges(uid, gid, groups)
     try:
         os.execvpe(container.argv[0], container.argv, env)
     except FileNotFoundError:
-        print(f"layermount: {container.argv[0]}: not found in the image", file=sys.stderr)
+        print(f"layermount: {shown(container.argv[0])}: not found in the image", file=sys.stderr)
         raise SystemExit(127)
     except PermissionError:
-        print(f"layermount: {container.argv[0]}: permission denied", file=sys.stderr)
+        print(f"layermount: {shown(container.argv[0])}: permission denied", file=sys.stderr)
         raise SystemExit(126)
+
+
+def make_dirs_in_root(root_fd: int, path: str) -> int:
+    """A directory fd on ``path`` resolved as if ``root_fd`` were /, creating missing directories there.
+
+    ``..`` stops at the root and absolute symlinks start from it (RESOLVE_IN_ROOT), so an
+    image's ``../../tmp/evil`` or ``/vol -> /etc`` lands inside the mount, never on the host.
+    """
+    parts = [part for part in path.encode("utf-8", "surrogateescape").split(b"/") if part not in (b"", b".")]
+    parent = os.dup(root_fd)
+    try:
+        for depth in range(len(parts)):
+            prefix = b"/".join(parts[:depth + 1])
+            try:
+                child = safepath.open_in_root(root_fd, prefix, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(parts[depth], 0o755, dir_fd=parent)
+                except FileExistsError:
+                    raise ImageError(f"{shown(path)}: {shown(os.fsdecode(prefix))} is a dangling symlink") from None
+                child = safepath.open_in_root(root_fd, prefix, os.O_RDONLY | os.O_DIRECTORY)
+            except NotADirectoryError:
+                raise ImageError(f"{shown(path)}: {shown(os.fsdecode(prefix))} is not a directory") from None
+            os.close(parent)
+            parent = child
+        return parent
+    except BaseException:
+        os.close(parent)
+        raise
+
+
+def _make_dev(root_fd: int) -> None:
+    """A fresh nodev tmpfs /dev with the host's harmless devices bound in, and /dev/shm."""
+    dev = make_dirs_in_root(root_fd, "/dev")
+    _mount("tmpfs", _fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
+    os.close(dev)
+    dev = safepath.open_in_root(root_fd, b"dev", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in DEVICES:
+            if os.path.exists(f"/dev/{name}"):
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666, dir_fd=dev))
+                _mount(f"/dev/{name}", _fd_path(dev, name), None, MS_BIND)
+        for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, link, dir_fd=dev)
+        os.mkdir("shm", 0o1777, dir_fd=dev)
+        _mount("shm", _fd_path(dev, "shm"), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=1777,size=64m")
+    finally:
+        os.close(dev)
+
+
+def _pivot_into(root_fd: int) -> None:
+    """pivot_root(".", ".") then detach the old root under it: no host path is left in the namespace."""
+    os.fchdir(root_fd)
+    if _libc.syscall(_SYS_PIVOT_ROOT[platform.machine()], b".", b".") != 0:
+        _raise_errno("pivot_root into the mount")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        _raise_errno("detach the host's root")
+    os.chdir("/")
+    os.close(root_fd)
+
+
+def _mount_proc_and_sys() -> None:
+    """A /proc of our PID namespace and a read-only /sys, both with the host-wide parts locked away."""
+    for directory in ("/proc", "/sys"):
+        os.makedirs(directory, exist_ok=True)
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV)
+    _mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV)
+    for path in READ_ONLY_PATHS:
+        if os.path.exists(path):
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount("", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in MASKED_PATHS:
+        if os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        elif os.path.exists(path):
+            _mount("/dev/null", path, None, MS_BIND)
+
+
+def _enter_workdir(workdir: str) -> None:
+    """Inside the pivoted root, so `..` and symlinks in WorkingDir resolve within the image; made if missing."""
+    path = workdir if workdir.startswith("/") else "/" + workdir
+    try:
+        os.makedirs(path, exist_ok=True)
+        os.chdir(path)
+    except OSError as error:
+        raise SystemExit(f"layermount: WorkingDir {shown(workdir)}: {error.strerror}")
+
+
+def _drop_privileges(uid: int, gid: int, groups: list[int]) -> None:
+    """Docker's default capabilities in the bounding set, none inheritable or ambient; then the user.
+
+    A non-root user loses its effective and permitted sets at setuid (the kernel does that)
+    and gets no_new_privs, so no setuid file in the image can give them back. The new session
+    takes the controlling terminal away: without it, TIOCSTI cannot type into the host's shell.
+    """
+    kept = sum(1 << number for number in KEPT_CAPABILITIES.values())
+    with open("/proc/sys/kernel/cap_last_cap") as handle:
+        last = int(handle.read())
+    for number in range(last + 1):
+        if not kept & (1 << number) and _libc.prctl(PR_CAPBSET_DROP, number, 0, 0, 0) != 0:
+            _raise_errno(f"drop capability {number}")
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        _raise_errno("clear the ambient capabilities")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(kept & 0xFFFFFFFF, kept & 0xFFFFFFFF, 0, kept >> 32, kept >> 32, 0)
+    if _libc.capset(header, data) != 0:
+        _raise_errno("set the capabilities")
+    os.setsid()
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid != 0 and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _raise_errno("set no_new_privs")
+    # The kernel forgets the parent-death signal at setuid: set it after, so the command dies with unshare(1).
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
+        _raise_errno(f"mount {target}")
+
+
+def _fd_path(fd: int, name: str = "") -> str:
+    """The magic link to an fd's file: mount(2) takes paths, and this one is never re-resolved."""
+    return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+
+
+def _raise_errno(what: str) -> None:
+    error = ctypes.get_errno()
+    raise OSError(error, f"{what}: {os.strerror(error)}")
 
 
 def _resolve_user(user: str) -> tuple[int, int, list[int]]:
@@ -118,15 +298,18 @@ def _resolve_user(user: str) -> tuple[int, int, list[int]]:
     name, _, group = user.partition(":")
     passwd = _table("/etc/passwd")
     entry = next((row for row in passwd if row[0] == name or row[2] == name), None)
-    if entry is not None:
-        uid, gid = int(entry[2]), int(entry[3])
-    elif name.isdigit():
-        uid, gid = int(name), int(name)
-    else:
-        raise SystemExit(f"layermount: user {name!r} is not in the image's /etc/passwd")
-    if group:
-        row = next((row for row in _table("/etc/group") if row[0] == group or row[2] == group), None)
-        gid = int(row[2]) if row else int(group) if group.isdigit() else gid
+    try:
+        if entry is not None:
+            uid, gid = int(entry[2]), int(entry[3])
+        elif name.isdigit():
+            uid, gid = int(name), int(name)
+        else:
+            raise SystemExit(f"layermount: user {shown(name)} is not in the image's /etc/passwd")
+        if group:
+            row = next((row for row in _table("/etc/group") if row[0] == group or row[2] == group), None)
+            gid = int(row[2]) if row else int(group) if group.isdigit() else gid
+    except ValueError:
+        raise SystemExit(f"layermount: user {shown(user)}: the image's /etc/passwd or /etc/group is malformed")
     return uid, gid, [gid]
 
 
@@ -134,13 +317,13 @@ def _table(path: str) -> list[list[str]]:
     try:
         with open(path) as handle:
             return [line.rstrip("\n").split(":") for line in handle if line.count(":") >= 3]
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return []
 
 
 def fresh_volumes(config: dict) -> tuple[dict[str, str], str | None]:
-    """A temporary host dir for each declared volume, as Docker's anonymous volumes."""
-    volumes = sorted((config.get("config") or {}).get("Volumes") or {})
+    """A temporary host dir for each declared volume, as Docker's anonymous volumes (0700 parent)."""
+    volumes = image_volumes(config)
     if not volumes:
         return {}, None
     base = tempfile.mkdtemp(prefix="layermount-volumes-")
@@ -153,4 +336,8 @@ def fresh_volumes(config: dict) -> tuple[dict[str, str], str | None]:
 
 
 if __name__ == "__main__":
-    _enter(Container(**json.loads(sys.argv[1])))
+    try:
+        _enter(Container(**json.loads(sys.argv[1])))
+    except (OSError, LayermountError) as error:
+        print(f"layermount: run: {error}", file=sys.stderr)
+        raise SystemExit(125)
