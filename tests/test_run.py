@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
 
-from conftest import run_layermount
+from conftest import LAYERMOUNT, run_layermount
 from unionfs.image.writer import Dir, File, Symlink, layer_tar, new_config, write_image
 from unionfs.mount import FSTYPE, mount_entries
 
@@ -81,3 +82,84 @@ def test_executables_run_from_the_mount(mounts, busybox_image):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "bin" in out.stdout and "NAME=busybox-test" in out.stdout
+
+
+def test_dotdot_from_the_root_stays_in_the_image(tmp_path, store_dir):
+    """`..` at the container's / is / (the old root is detached): host files are not there by their paths."""
+    path = tmp_path / "host-secret"
+    content = "host-secret-only"
+    path.write_text(content)
+    image = build_busybox(tmp_path / "img.tar")
+    result = run_layermount("run", "--store", store_dir, "-q", image, "/bin/sh", "-c",
+                            f"cd /../../..; ls; cat ../../..{path}; echo done")
+    assert content not in result.stdout and result.stdout.splitlines()[-1] == "done"
+    assert "os-release" not in result.stdout and "etc" in result.stdout.split()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_run_ends_the_command_and_unmounts(busybox_image, store_dir, signum):
+    """The command has its own session (no terminal signals reach it): run must end it itself."""
+    process = subprocess.Popen([*LAYERMOUNT, "run", "--store", str(store_dir), "-q", str(busybox_image),
+                                "/bin/sh", "-c", "echo ready; exec sleep 4321"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+        process.send_signal(signum)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode != 0
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid) == b"sleep\0004321\0"]
+    assert no_run_mounts_left()
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def test_workdir_and_volumes_resolve_inside_the_image(tmp_path, store_dir):
+    """WorkingDir and Volumes follow the image's own symlinks as if chrooted, and are made if missing."""
+    name = f"layermount-test-{os.getpid()}"
+    layer = [Dir("bin"), File("bin/busybox", open(BUSYBOX, "rb").read(), mode=0o755), Symlink("bin/sh", "busybox"),
+             Symlink("bin/pwd", "busybox"), Symlink("bin/ls", "busybox"), Dir("tmp", mode=0o1777),
+             Symlink("work", "/tmp")]
+    config = new_config(["ADD busybox"])
+    config["config"] = {"Cmd": ["/bin/sh", "-c", "pwd; ls /tmp"], "WorkingDir": f"/work/../../work/{name}",
+                        "Volumes": {f"/work/{name}-vol": {}}}
+    image = tmp_path / "img.tar"
+    write_image(image, [layer_tar(layer)], config)
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.stdout.splitlines() == [f"/tmp/{name}", name, f"{name}-vol"], result.stderr
+    assert not os.path.lexists(f"/tmp/{name}") and not os.path.lexists(f"/tmp/{name}-vol")
+
+
+@pytest.mark.parametrize("volume, fault", [("/dangling/v", "/dangling is a dangling symlink"),
+                                           ("/etc/os-release/v", "/etc/os-release is not a directory")])
+def test_a_volume_that_cannot_be_a_directory_is_a_one_line_error(tmp_path, store_dir, volume, fault):
+    image = tmp_path / "img.tar"
+    layer = [Dir("etc"), File("etc/os-release", b"x\n"), Symlink("dangling", "/nowhere")]
+    config = new_config(["ADD"])
+    config["config"] = {"Cmd": ["/bin/true"], "Volumes": {volume: {}}}
+    write_image(image, [layer_tar(layer)], config)
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.returncode == 125 and result.stderr.splitlines()[-1] == f"layermount: run: {volume}: {fault}"
+    assert not os.path.lexists("/nowhere")
+    assert no_run_mounts_left()
+
+
+@pytest.mark.parametrize("field, value", [("Volumes", ["/data"]), ("Cmd", "echo hi"), ("Env", [1]),
+                                          ("WorkingDir", 5), ("User", ["root"])])
+def test_a_config_field_of_the_wrong_type_is_a_one_line_error(tmp_path, store_dir, field, value):
+    image = tmp_path / "img.tar"
+    config = new_config(["ADD"])
+    config["config"] = {"Cmd": ["/bin/true"], field: value}
+    write_image(image, [layer_tar([Dir("etc")])], config)
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.returncode == 3 and len(result.stderr.splitlines()) == 1 and repr(field) in result.stderr
+    assert no_run_mounts_left()

@@ -124,7 +124,17 @@ def run(container: Container) -> int:
     spec = json.dumps(container.__dict__)
     command = ["unshare", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "--propagation", "private",
                sys.executable, "-m", "unionfs.runtime", spec]
-    return subprocess.run(command).returncode
+    # SIGTERM ends the run as Ctrl-C does: subprocess.run kills unshare(1), the command dies
+    # with it (its parent-death signal), and the caller unmounts.
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return subprocess.run(command).returncode
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _enter(container: Container) -> None:
@@ -176,10 +186,10 @@ def make_dirs_in_root(root_fd: int, path: str) -> int:
                 try:
                     os.mkdir(parts[depth], 0o755, dir_fd=parent)
                 except FileExistsError:
-                    raise ImageError(f"{shown(path)}: {shown(os.fsdecode(prefix))} is a dangling symlink") from None
+                    raise ImageError(f"{shown(path)}: {shown('/' + os.fsdecode(prefix))} is a dangling symlink") from None
                 child = safepath.open_in_root(root_fd, prefix, os.O_RDONLY | os.O_DIRECTORY)
             except NotADirectoryError:
-                raise ImageError(f"{shown(path)}: {shown(os.fsdecode(prefix))} is not a directory") from None
+                raise ImageError(f"{shown(path)}: {shown('/' + os.fsdecode(prefix))} is not a directory") from None
             os.close(parent)
             parent = child
         return parent
