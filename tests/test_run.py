@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(BUSYBOX) or os.geteuid() != 0
 
 
 def build_busybox(path, user=""):
-    applets = ("sh", "ls", "cat", "echo", "hostname", "id", "ps", "touch", "pwd")
+    applets = ("sh", "ls", "cat", "echo", "hostname", "id", "ps", "touch", "pwd", "nc")
     layer = [Dir("bin"), File("bin/busybox", open(BUSYBOX, "rb").read(), mode=0o755)]
     layer += [Symlink(f"bin/{name}", "busybox") for name in applets]
     layer += [Dir("etc"), File("etc/os-release", b"NAME=busybox-test\n"),
@@ -163,3 +164,20 @@ def test_a_config_field_of_the_wrong_type_is_a_one_line_error(tmp_path, store_di
     result = run_layermount("run", "--store", store_dir, "-q", image)
     assert result.returncode == 3 and len(result.stderr.splitlines()) == 1 and repr(field) in result.stderr
     assert no_run_mounts_left()
+
+
+def test_network_host_shares_the_hosts_network(busybox_image, store_dir):
+    """--network host: host loopback services are reachable (the default namespace has only lo)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        process = subprocess.Popen([*LAYERMOUNT, "run", "--network", "host", "--store", str(store_dir), "-q",
+                                    str(busybox_image), "/bin/sh", "-c",
+                                    f"echo probe | nc 127.0.0.1 {listener.getsockname()[1]}"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            client, _ = listener.accept()
+            with client:
+                assert client.recv(100) == b"probe\n"
+        finally:
+            process.communicate(timeout=60)
+    assert process.returncode == 0 and no_run_mounts_left()

@@ -277,13 +277,14 @@ def history(image: Image, store: "LayerStore") -> list[HistoryStep]:
 
 
 def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_dir: str | None = None,
-              progress=None) -> int:
+              network: str = "none", progress=None) -> int:
     """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
     from .mount import unmount
     from .extract import _shown
     from .runtime import container_for, fresh_volumes, run
 
     container = container_for(image.config, "", command)
+    container.network = network
     # The mountpoint sits in a 0700 directory of its own: the container gets in through the
     # pivot, no other host user can walk to it, whatever the mount's allow_other says.
     private = tempfile.mkdtemp(prefix="layermount-run-")

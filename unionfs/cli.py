@@ -20,7 +20,7 @@ MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
 layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top first
 layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
-layermount run [--upper DIR] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
+layermount run [--upper DIR] [--network none|host] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
 layermount explain MOUNTPOINT/PATH             the lookup of a path told step by step
@@ -82,6 +82,8 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a command in the image, in its own namespaces, on the mount")
     run.add_argument("image", metavar="IMAGE")
     run.add_argument("--upper", metavar="DIR", help="keep the container's changes in DIR")
+    run.add_argument("--network", choices=("none", "host"), default="none",
+                     help="none (default): a network namespace with only loopback; host: share the host's")
     _add_image_options(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD", help="default: Entrypoint + Cmd")
 
@@ -205,7 +207,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         image = api.load_image([args.image], platform=args.platform, ref=args.ref)
         return api.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
-                             progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
+                             network=args.network, progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
     if args.command == "umount":
         unmount(args.mountpoint, lazy=args.lazy)
         return 0

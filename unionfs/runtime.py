@@ -13,12 +13,14 @@ the mount, never through the host.
 from __future__ import annotations
 
 import ctypes
-import errno
+import fcntl
 import json
 import os
 import platform
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,13 +33,15 @@ from .extract import _shown as shown
 DEVICES = ("null", "zero", "random", "urandom", "full", "tty")
 HOSTNAME = "layermount"
 
-# Docker's default capability set (moby's oci/caps defaults), less CAP_NET_RAW: the
-# container shares the host's network, and raw sockets there would let it sniff and
-# spoof the host's traffic. Every capability not listed here leaves all five sets.
+# Docker's default capability set (moby's oci/caps defaults); every other capability leaves
+# all five sets. CAP_NET_RAW only in a network namespace of its own: on the host's network,
+# raw sockets would let the container sniff and spoof the host's traffic.
 KEPT_CAPABILITIES = {
     "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
     "SETPCAP": 8, "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31,
 }
+CAP_NET_RAW = 13
+NETWORKS = ("none", "host")
 # runc's defaults: kernel knobs for the whole machine are read-only, leaks are hidden.
 READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
@@ -53,6 +57,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
                    "s390x": 217, "armv7l": 218, "armv8l": 218}
 
+MACHINE = platform.machine()
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -69,6 +74,7 @@ class Container:
     user: str = ""
     hostname: str = HOSTNAME
     volumes: dict[str, str] = field(default_factory=dict)   # path in the container -> host dir
+    network: str = "none"                                   # "none": own namespace, loopback only
 
 
 def container_for(config: dict, root: str, command: list[str]) -> Container:
@@ -119,10 +125,13 @@ def run(container: Container) -> int:
         raise LayermountError("layermount run needs root (it makes mount and PID namespaces)")
     if shutil.which("unshare") is None:
         raise LayermountError("layermount run needs unshare(1) from util-linux")
-    if platform.machine() not in _SYS_PIVOT_ROOT:
-        raise LayermountError(f"layermount run does not know pivot_root(2) on {platform.machine()}")
+    if MACHINE not in _SYS_PIVOT_ROOT:
+        raise LayermountError(f"layermount run does not know pivot_root(2) on {MACHINE}")
+    if container.network not in NETWORKS:
+        raise UsageError(f"--network: {container.network!r} is not one of {', '.join(NETWORKS)}")
     spec = json.dumps(container.__dict__)
-    command = ["unshare", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "--propagation", "private",
+    namespaces = ["--mount", "--pid", "--uts", "--ipc", "--cgroup"] + (["--net"] if container.network == "none" else [])
+    command = ["unshare", *namespaces, "--fork", "--propagation", "private",
                sys.executable, "-m", "unionfs.runtime", spec]
     # SIGTERM ends the run as Ctrl-C does: subprocess.run kills unshare(1), the command dies
     # with it (its parent-death signal), and the caller unmounts.
@@ -143,6 +152,10 @@ def _enter(container: Container) -> None:
     # The host's files are reachable only until the pivot: bind what comes from there first.
     for inside, host in container.volumes.items():
         target = make_dirs_in_root(root_fd, inside)
+        # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
+        info = os.fstat(target)
+        os.chown(host, info.st_uid, info.st_gid)
+        os.chmod(host, info.st_mode & 0o7777)
         _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
         os.close(target)
         # An fd's magic link names the directory under the new mount: look the path up again.
@@ -153,12 +166,14 @@ def _enter(container: Container) -> None:
     _pivot_into(root_fd)
     _mount_proc_and_sys()
     _libc.sethostname(container.hostname.encode(), len(container.hostname))
+    if container.network == "none":
+        _loopback_up()
     _enter_workdir(container.workdir)
     uid, gid, groups = _resolve_user(container.user)
     env = dict(item.split("=", 1) for item in container.env if "=" in item)
     env.setdefault("HOSTNAME", container.hostname)
     env.setdefault("HOME", "/root" if uid == 0 else "/")
-    _drop_privileges(uid, gid, groups)
+    _drop_privileges(uid, gid, groups, net_raw=container.network == "none")
     try:
         os.execvpe(container.argv[0], container.argv, env)
     except FileNotFoundError:
@@ -221,12 +236,15 @@ def _make_dev(root_fd: int) -> None:
 def _pivot_into(root_fd: int) -> None:
     """pivot_root(".", ".") then detach the old root under it: no host path is left in the namespace."""
     os.fchdir(root_fd)
-    if _libc.syscall(_SYS_PIVOT_ROOT[platform.machine()], b".", b".") != 0:
+    if _libc.syscall(_SYS_PIVOT_ROOT[MACHINE], b".", b".") != 0:
         _raise_errno("pivot_root into the mount")
     if _libc.umount2(b".", MNT_DETACH) != 0:
         _raise_errno("detach the host's root")
     os.chdir("/")
     os.close(root_fd)
+    # Until exec we are host root in the image's tree: an import now would run the image's files.
+    sys.path.clear()
+    sys.path_importer_cache.clear()
 
 
 def _mount_proc_and_sys() -> None:
@@ -256,14 +274,23 @@ def _enter_workdir(workdir: str) -> None:
         raise SystemExit(f"layermount: WorkingDir {shown(workdir)}: {error.strerror}")
 
 
-def _drop_privileges(uid: int, gid: int, groups: list[int]) -> None:
+def _loopback_up() -> None:
+    """A new network namespace starts with lo down: up it, so localhost works inside."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
+
+
+def _drop_privileges(uid: int, gid: int, groups: list[int], *, net_raw: bool) -> None:
     """Docker's default capabilities in the bounding set, none inheritable or ambient; then the user.
 
     A non-root user loses its effective and permitted sets at setuid (the kernel does that)
     and gets no_new_privs, so no setuid file in the image can give them back. The new session
     takes the controlling terminal away: without it, TIOCSTI cannot type into the host's shell.
     """
-    kept = sum(1 << number for number in KEPT_CAPABILITIES.values())
+    kept = sum(1 << number for number in KEPT_CAPABILITIES.values()) | (1 << CAP_NET_RAW if net_raw else 0)
     with open("/proc/sys/kernel/cap_last_cap") as handle:
         last = int(handle.read())
     for number in range(last + 1):

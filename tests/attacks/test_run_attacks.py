@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,7 +25,7 @@ from unionfs.mount import FSTYPE, mount_entries
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 pytestmark = pytest.mark.skipif(not os.path.exists(BUSYBOX) or os.geteuid() != 0,
                                 reason="needs root (namespaces) and a static busybox (Debian busybox-static)")
-APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "mknod", "head", "wc", "grep", "sleep", "test")
+APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "mknod", "head", "wc", "grep", "sleep", "test", "nc", "timeout")
 
 ESCAPE_C = r"""
 #define _GNU_SOURCE
@@ -147,18 +148,47 @@ def test_open_by_handle_from_a_volume_does_not_reach_the_host_fs(tmp_path, store
 
 def test_capabilities_are_docker_defaults_without_sys_admin(tmp_path, store_dir):
     """Attack: any capability outside Docker's defaults (CAP_SYS_ADMIN to mount, CAP_SYS_MODULE to
-    load a module, CAP_SYS_PTRACE, CAP_NET_RAW on the host's network...). Must hold: none of them is
-    in CapEff, CapPrm, CapInh, CapBnd or CapAmb of the container's root."""
+    load a module, CAP_SYS_PTRACE, CAP_NET_ADMIN...). Must hold: none of them is in CapEff, CapPrm,
+    CapInh, CapBnd or CapAmb of the container's root."""
     image = hostile_image(tmp_path / "img.tar")
     result = run_in(image, store_dir, "/bin/sh", "-c", "grep ^Cap /proc/self/status")
     sets = {line.split(":")[0]: int(line.split()[1], 16) for line in result.stdout.splitlines()}
     assert set(sets) == {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}, result.stderr
     forbidden = {"SYS_ADMIN": 21, "SYS_MODULE": 16, "SYS_PTRACE": 19, "SYS_RAWIO": 17, "DAC_READ_SEARCH": 2,
-                 "NET_ADMIN": 12, "NET_RAW": 13, "SYS_TIME": 25, "SYS_BOOT": 22, "SYSLOG": 34, "BPF": 39}
+                 "NET_ADMIN": 12, "SYS_TIME": 25, "SYS_BOOT": 22, "SYSLOG": 34, "BPF": 39}
     for name, value in sets.items():
         assert not [cap for cap, bit in forbidden.items() if value & (1 << bit)], (name, hex(value))
     assert sets["CapEff"] & (1 << 0), "root in the container keeps CAP_CHOWN (Docker's default)"
     assert sets["CapInh"] == sets["CapAmb"] == 0
+
+
+def test_no_raw_sockets_on_the_host_network(tmp_path, store_dir):
+    """Attack: with --network host, CAP_NET_RAW (in Docker's set, harmless in a network namespace of
+    its own) would let the container sniff and spoof the host's traffic. Must hold: it is in no set."""
+    image = hostile_image(tmp_path / "img.tar")
+    result = run_layermount("run", "--network", "host", "--store", store_dir, "-q", image,
+                            "/bin/sh", "-c", "grep ^Cap /proc/self/status")
+    sets = [int(line.split()[1], 16) for line in result.stdout.splitlines()]
+    assert len(sets) == 5 and not [value for value in sets if value & (1 << 13)], result.stdout + result.stderr
+
+
+def test_host_loopback_services_are_out_of_reach(tmp_path, store_dir):
+    """Attack: connect to a service the host binds to 127.0.0.1 only (trusting local clients: a
+    registry, a database, a debugger port). Must hold: by default the container has a network
+    namespace of its own, so the connection fails and the listener sees no client."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0)
+    port = listener.getsockname()[1]
+    image = hostile_image(tmp_path / "img.tar")
+    try:
+        result = run_in(image, store_dir, "/bin/sh", "-c",
+                        f"echo probe | timeout 3 nc 127.0.0.1 {port} && echo CONNECTED; cat /sys/class/net/lo/flags")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert "CONNECTED" not in result.stdout and "Connection refused" in result.stderr, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "0x9", "loopback is up inside (IFF_UP|IFF_LOOPBACK)"
 
 
 def test_non_root_user_gets_no_capabilities_and_no_new_privs(tmp_path, store_dir):
