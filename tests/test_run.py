@@ -38,8 +38,19 @@ def busybox_image(tmp_path):
     return build_busybox(tmp_path / "busybox.tar")
 
 
+@pytest.fixture(autouse=True)
+def private_tmpdir(tmp_path, monkeypatch):
+    """run makes its mountpoint and volumes under $TMPDIR: one per test, so leaks are this test's own."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    yield tmpdir
+    assert not os.listdir(tmpdir), "run left its mountpoint or volumes behind"
+
+
 def no_run_mounts_left():
-    return not [point for point, kind in mount_entries() if kind == FSTYPE and "layermount-run-" in point]
+    tmpdir = os.environ["TMPDIR"]
+    return not [point for point, kind in mount_entries() if kind == FSTYPE and point.startswith(tmpdir)]
 
 
 def test_default_command_and_exit_code(busybox_image, store_dir):
