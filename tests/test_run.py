@@ -7,11 +7,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
 from conftest import LAYERMOUNT, run_layermount
-from unionfs.image.writer import Dir, File, Symlink, layer_tar, new_config, write_image
+from unionfs.image.writer import Dir, Fifo, File, Symlink, layer_tar, new_config, write_image
 from unionfs.mount import FSTYPE, mount_entries
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -127,6 +128,38 @@ def test_interrupting_run_ends_the_command_and_unmounts(busybox_image, store_dir
     assert no_run_mounts_left()
 
 
+def test_a_killed_run_takes_the_command_with_it(busybox_image, store_dir):
+    """SIGKILL leaves run no chance to clean up: the command must still not outlive it."""
+    process = subprocess.Popen([*LAYERMOUNT, "run", "--store", str(store_dir), "-q", str(busybox_image),
+                                "/bin/sh", "-c", "echo ready; exec sleep 4322"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _sleepers(b"sleep\0004322\0"):
+            time.sleep(0.1)
+        assert not _sleepers(b"sleep\0004322\0")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        # The mount's daemon is not run's child to kill: a killed run leaves its mount, as any killed mounter.
+        tmpdir = os.environ["TMPDIR"]
+        for point in [point for point, kind in mount_entries() if kind == FSTYPE and point.startswith(tmpdir)]:
+            run_layermount("umount", point)
+            os.rmdir(point)
+            os.rmdir(os.path.dirname(point))
+        for name in os.listdir(tmpdir):
+            if name.startswith("layermount-volumes-"):
+                shutil.rmtree(os.path.join(tmpdir, name))
+
+
+def _sleepers(cmdline: bytes) -> list[str]:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid) == cmdline]
+
+
 def _cmdline(pid: str) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
@@ -192,3 +225,52 @@ def test_network_host_shares_the_hosts_network(busybox_image, store_dir):
         finally:
             process.communicate(timeout=60)
     assert process.returncode == 0 and no_run_mounts_left()
+
+
+def _tiny_image(path, layer, **runtime):
+    config = new_config(["ADD"])
+    config["config"] = {"Cmd": ["/bin/sh", "-c", "id -u"], "Env": ["PATH=/bin"], **runtime}
+    write_image(path, [layer_tar(layer)], config)
+    return path
+
+
+def _busybox_layer(*applets):
+    return [Dir("bin"), File("bin/busybox", open(BUSYBOX, "rb").read(), mode=0o755),
+            *[Symlink(f"bin/{name}", "busybox") for name in ("sh", *applets)]]
+
+
+@pytest.mark.parametrize("name", ["proc", "sys", "dev"])
+def test_an_image_whose_proc_sys_or_dev_is_a_symlink_is_refused(tmp_path, store_dir, name):
+    """runc refuses these too: following /proc -> /dev would put the runtime's mounts and masks elsewhere."""
+    image = _tiny_image(tmp_path / "img.tar", _busybox_layer() + [Dir("tmp"), Symlink(name, "/tmp")])
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.returncode == 125
+    assert result.stderr.splitlines()[-1].endswith(f"the image's /{name} is not a directory (a symlink?): "
+                                                   f"the runtime mounts its own there")
+    assert no_run_mounts_left()
+
+
+@pytest.mark.parametrize("volume", ["/", "/tmp/..", "/up"])
+def test_a_volume_over_the_containers_root_is_refused(tmp_path, store_dir, volume):
+    image = _tiny_image(tmp_path / "img.tar", _busybox_layer() + [Dir("tmp"), Symlink("up", "../..")],
+                        Volumes={volume: {}})
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.returncode == 125 and result.stderr.splitlines()[-1].endswith("is the container's root")
+
+
+def test_too_many_volumes_is_a_one_line_error(tmp_path, store_dir):
+    image = _tiny_image(tmp_path / "img.tar", _busybox_layer(), Volumes={f"/v{i}": {} for i in range(1000)})
+    result = run_layermount("run", "--store", store_dir, "-q", image)
+    assert result.returncode == 3 and result.stderr.strip() == "layermount: image config: 1000 Volumes (more than 256)"
+
+
+@pytest.mark.parametrize("passwd", [Fifo("etc/passwd"), Symlink("etc/passwd", "/dev/zero")])
+def test_a_hostile_etc_passwd_neither_hangs_nor_fills_memory(tmp_path, store_dir, passwd):
+    """Read as root before the drop: a FIFO would block for ever, /dev/zero would be read without end."""
+    image = _tiny_image(tmp_path / "img.tar", _busybox_layer("id") + [Dir("etc"), passwd], User="app")
+    result = run_layermount("run", "--store", store_dir, "-q", image, timeout=60)
+    assert result.returncode == 1 and "user app is not in the image's /etc/passwd" in result.stderr
+    numeric = _tiny_image(tmp_path / "numeric.tar", _busybox_layer("id") + [Dir("etc"), passwd], User="1234")
+    uid_of_self = 'while read key value rest; do [ "$key" = Uid: ] && echo $value; done < /proc/self/status'
+    result = run_layermount("run", "--store", store_dir, "-q", numeric, "/bin/sh", "-c", uid_of_self, timeout=60)
+    assert result.stdout == "1234\n", result.stderr

@@ -12,7 +12,9 @@ the mount, never through the host.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +22,7 @@ import platform
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -32,6 +35,8 @@ from .extract import _shown as shown
 
 DEVICES = ("null", "zero", "random", "urandom", "full", "tty")
 HOSTNAME = "layermount"
+MAX_VOLUMES = 256            # each is a host directory and a mount; a config may not ask for millions
+MAX_ACCOUNT_FILE = 1 << 20   # the image's /etc/passwd and /etc/group, read as root before the drop
 
 # Docker's default capability set (moby's oci/caps defaults); every other capability leaves
 # all five sets. CAP_NET_RAW only in a network namespace of its own: on the host's network,
@@ -98,6 +103,8 @@ def image_volumes(config: dict) -> list[str]:
     volumes = (config.get("config") or {}).get("Volumes") or {}
     if not isinstance(volumes, dict) or not all(isinstance(path, str) and path for path in volumes):
         raise ImageError("image config: 'Volumes' is not an object of paths")
+    if len(volumes) > MAX_VOLUMES:
+        raise ImageError(f"image config: {len(volumes)} Volumes (more than {MAX_VOLUMES})")
     if any("\0" in path for path in volumes):
         raise ImageError("image config: a volume path holds a NUL byte")
     return sorted(volumes)
@@ -137,7 +144,7 @@ def run(container: Container) -> int:
     # with it (its parent-death signal), and the caller unmounts.
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
-        return subprocess.run(command).returncode
+        return subprocess.run(command, preexec_fn=_die_with_parent).returncode
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -146,14 +153,22 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _die_with_parent() -> None:
+    """unshare(1) and so the command (whose parent it is) die with us, even when we are SIGKILLed."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _enter(container: Container) -> None:
     """In the new namespaces (we become PID 1): build the root, pivot into it, drop privileges, exec."""
     root_fd = os.open(container.root, os.O_RDONLY | os.O_DIRECTORY)
     # The host's files are reachable only until the pivot: bind what comes from there first.
+    root = os.fstat(root_fd)
     for inside, host in container.volumes.items():
         target = make_dirs_in_root(root_fd, inside)
-        # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
         info = os.fstat(target)
+        if (info.st_dev, info.st_ino) == (root.st_dev, root.st_ino):
+            raise ImageError(f"volume {shown(inside)} is the container's root")
+        # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
         os.chown(host, info.st_uid, info.st_gid)
         os.chmod(host, info.st_mode & 0o7777)
         _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
@@ -163,6 +178,8 @@ def _enter(container: Container) -> None:
         _mount("", _fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
         os.close(target)
     _make_dev(root_fd)
+    for name in ("proc", "sys"):
+        os.close(_runtime_mountpoint(root_fd, name))
     _pivot_into(root_fd)
     _mount_proc_and_sys()
     _libc.sethostname(container.hostname.encode(), len(container.hostname))
@@ -215,7 +232,7 @@ def make_dirs_in_root(root_fd: int, path: str) -> int:
 
 def _make_dev(root_fd: int) -> None:
     """A fresh nodev tmpfs /dev with the host's harmless devices bound in, and /dev/shm."""
-    dev = make_dirs_in_root(root_fd, "/dev")
+    dev = _runtime_mountpoint(root_fd, "dev")
     _mount("tmpfs", _fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
     os.close(dev)
     dev = safepath.open_in_root(root_fd, b"dev", os.O_RDONLY | os.O_DIRECTORY)
@@ -231,6 +248,26 @@ def _make_dev(root_fd: int) -> None:
         _mount("shm", _fd_path(dev, "shm"), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=1777,size=64m")
     finally:
         os.close(dev)
+
+
+def _runtime_mountpoint(root_fd: int, name: str) -> int:
+    """The image's /dev, /proc or /sys as a real directory (made if missing), never through a symlink.
+
+    Following ``/proc -> /dev`` would put the runtime's mounts where the image chose, and its
+    checks of /proc/sys on something else (runc refuses these too).
+    """
+    for attempt in range(2):
+        try:
+            return safepath.open_beneath(root_fd, name.encode(), os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if attempt == 0:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=root_fd)
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            break
+    raise ImageError(f"the image's /{name} is not a directory (a symlink?): the runtime mounts its own there")
 
 
 def _pivot_into(root_fd: int) -> None:
@@ -249,8 +286,6 @@ def _pivot_into(root_fd: int) -> None:
 
 def _mount_proc_and_sys() -> None:
     """A /proc of our PID namespace and a read-only /sys, both with the host-wide parts locked away."""
-    for directory in ("/proc", "/sys"):
-        os.makedirs(directory, exist_ok=True)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV)
     _mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NOEXEC | MS_NODEV)
     for path in READ_ONLY_PATHS:
@@ -351,11 +386,16 @@ def _resolve_user(user: str) -> tuple[int, int, list[int]]:
 
 
 def _table(path: str) -> list[list[str]]:
+    """A regular file's colon rows: a FIFO would hang us, /dev/zero would fill memory."""
     try:
-        with open(path) as handle:
-            return [line.rstrip("\n").split(":") for line in handle if line.count(":") >= 3]
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
         return []
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        text = handle.read(MAX_ACCOUNT_FILE).decode("utf-8", "replace")
+    return [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
 
 
 def fresh_volumes(config: dict) -> tuple[dict[str, str], str | None]:
