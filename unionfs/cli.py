@@ -20,7 +20,7 @@ MOUNT_USAGE = """\
 layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
 layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top first
 layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
-layermount run [--upper DIR] [--network none|host] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
+layermount run [--upper DIR] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
 layermount umount MOUNTPOINT                   unmount and wait for the daemon
 layermount which MOUNTPOINT/PATH               which layer provides a path, and what hides what
 layermount explain MOUNTPOINT/PATH             the lookup of a path told step by step

@@ -137,7 +137,9 @@ def run(container: Container) -> int:
     if container.network not in NETWORKS:
         raise UsageError(f"--network: {container.network!r} is not one of {', '.join(NETWORKS)}")
     spec = json.dumps(container.__dict__)
-    namespaces = ["--mount", "--pid", "--uts", "--ipc", "--cgroup"] + (["--net"] if container.network == "none" else [])
+    namespaces = ["--mount", "--pid", "--uts", "--ipc", "--cgroup"]
+    if container.network == "none":
+        namespaces.append("--net")
     command = ["unshare", *namespaces, "--fork", "--propagation", "private",
                sys.executable, "-m", "unionfs.runtime", spec]
     # SIGTERM ends the run as Ctrl-C does: subprocess.run kills unshare(1), the command dies
@@ -162,21 +164,7 @@ def _enter(container: Container) -> None:
     """In the new namespaces (we become PID 1): build the root, pivot into it, drop privileges, exec."""
     root_fd = os.open(container.root, os.O_RDONLY | os.O_DIRECTORY)
     # The host's files are reachable only until the pivot: bind what comes from there first.
-    root = os.fstat(root_fd)
-    for inside, host in container.volumes.items():
-        target = make_dirs_in_root(root_fd, inside)
-        info = os.fstat(target)
-        if (info.st_dev, info.st_ino) == (root.st_dev, root.st_ino):
-            raise ImageError(f"volume {shown(inside)} is the container's root")
-        # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
-        os.chown(host, info.st_uid, info.st_gid)
-        os.chmod(host, info.st_mode & 0o7777)
-        _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
-        os.close(target)
-        # An fd's magic link names the directory under the new mount: look the path up again.
-        target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
-        _mount("", _fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
-        os.close(target)
+    _bind_volumes(root_fd, container.volumes)
     _make_dev(root_fd)
     for name in ("proc", "sys"):
         os.close(_runtime_mountpoint(root_fd, name))
@@ -201,6 +189,25 @@ def _enter(container: Container) -> None:
         raise SystemExit(126)
 
 
+def _bind_volumes(root_fd: int, volumes: dict[str, str]) -> None:
+    """Each host directory bound (nosuid, nodev) where the image's path leads, resolved beneath the root."""
+    root = os.fstat(root_fd)
+    for inside, host in volumes.items():
+        target = make_dirs_in_root(root_fd, inside)
+        info = os.fstat(target)
+        if (info.st_dev, info.st_ino) == (root.st_dev, root.st_ino):
+            raise ImageError(f"volume {shown(inside)} is the container's root")
+        # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
+        os.chown(host, info.st_uid, info.st_gid)
+        os.chmod(host, info.st_mode & 0o7777)
+        _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
+        os.close(target)
+        # An fd's magic link names the directory under the new mount: look the path up again.
+        target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
+        _mount("", _fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+        os.close(target)
+
+
 def make_dirs_in_root(root_fd: int, path: str) -> int:
     """A directory fd on ``path`` resolved as if ``root_fd`` were /, creating missing directories there.
 
@@ -218,7 +225,8 @@ def make_dirs_in_root(root_fd: int, path: str) -> int:
                 try:
                     os.mkdir(parts[depth], 0o755, dir_fd=parent)
                 except FileExistsError:
-                    raise ImageError(f"{shown(path)}: {shown('/' + os.fsdecode(prefix))} is a dangling symlink") from None
+                    raise ImageError(f"{shown(path)}: {shown('/' + os.fsdecode(prefix))} is a dangling "
+                                     "symlink") from None
                 child = safepath.open_in_root(root_fd, prefix, os.O_RDONLY | os.O_DIRECTORY)
             except NotADirectoryError:
                 raise ImageError(f"{shown(path)}: {shown('/' + os.fsdecode(prefix))} is not a directory") from None
@@ -235,7 +243,7 @@ def _make_dev(root_fd: int) -> None:
     dev = _runtime_mountpoint(root_fd, "dev")
     _mount("tmpfs", _fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
     os.close(dev)
-    dev = safepath.open_in_root(root_fd, b"dev", os.O_RDONLY | os.O_DIRECTORY)
+    dev = _runtime_mountpoint(root_fd, "dev")   # now the tmpfs
     try:
         for name in DEVICES:
             if os.path.exists(f"/dev/{name}"):

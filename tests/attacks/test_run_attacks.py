@@ -222,7 +222,8 @@ def test_leaky_proc_files_are_masked(tmp_path, store_dir):
     present = [path for path in ("/proc/keys", "/proc/timer_list", "/proc/interrupts", "/proc/sched_debug",
                                  "/proc/kcore") if os.path.exists(path)]
     image = hostile_image(tmp_path / "img.tar")
-    script = "".join(f"echo {path} $(cat {path} | wc -c); " for path in present) + "echo firmware $(ls /sys/firmware | wc -l)"
+    script = "".join(f"echo {path} $(cat {path} | wc -c); " for path in present)
+    script += "echo firmware $(ls /sys/firmware | wc -l)"
     result = run_in(image, store_dir, "/bin/sh", "-c", script)
     assert result.stdout.split() == [word for path in present for word in (path, "0")] + ["firmware", "0"], \
         result.stdout + result.stderr
@@ -265,7 +266,8 @@ def test_terminal_injection_does_not_reach_the_host_shell(tmp_path, store_dir, e
     queue; the host's shell (root) reads and runs it once the container exits. Must hold: the ioctl
     is refused (the container has its own session, without a controlling terminal) and nothing is
     queued on the terminal."""
-    if Path("/proc/sys/dev/tty/legacy_tiocsti").exists() and Path("/proc/sys/dev/tty/legacy_tiocsti").read_text().strip() == "0":
+    legacy = Path("/proc/sys/dev/tty/legacy_tiocsti")
+    if legacy.exists() and legacy.read_text().strip() == "0":
         pytest.skip("kernel refuses TIOCSTI to everyone (dev.tty.legacy_tiocsti=0)")
     image = hostile_image(tmp_path / "img.tar", escape_binary)
     master, slave = os.openpty()
