@@ -200,11 +200,11 @@ def _bind_volumes(root_fd: int, volumes: dict[str, str]) -> None:
         # As Docker's anonymous volumes: the fresh directory takes the image directory's owner and mode.
         os.chown(host, info.st_uid, info.st_gid)
         os.chmod(host, info.st_mode & 0o7777)
-        _mount(host, _fd_path(target), None, MS_BIND | MS_REC)
+        _mount(host, safepath.fd_path(target), None, MS_BIND | MS_REC)
         os.close(target)
         # An fd's magic link names the directory under the new mount: look the path up again.
         target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
-        _mount("", _fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+        _mount("", safepath.fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
         os.close(target)
 
 
@@ -241,19 +241,20 @@ def make_dirs_in_root(root_fd: int, path: str) -> int:
 def _make_dev(root_fd: int) -> None:
     """A fresh nodev tmpfs /dev with the host's harmless devices bound in, and /dev/shm."""
     dev = _runtime_mountpoint(root_fd, "dev")
-    _mount("tmpfs", _fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
+    _mount("tmpfs", safepath.fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
     os.close(dev)
     dev = _runtime_mountpoint(root_fd, "dev")   # now the tmpfs
     try:
         for name in DEVICES:
             if os.path.exists(f"/dev/{name}"):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666, dir_fd=dev))
-                _mount(f"/dev/{name}", _fd_path(dev, name), None, MS_BIND)
+                _mount(f"/dev/{name}", safepath.fd_path(dev, name.encode()), None, MS_BIND)
         for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2")):
             os.symlink(target, link, dir_fd=dev)
         os.mkdir("shm", 0o1777, dir_fd=dev)
-        _mount("shm", _fd_path(dev, "shm"), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=1777,size=64m")
+        _mount("shm", safepath.fd_path(dev, b"shm"), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV,
+               "mode=1777,size=64m")
     finally:
         os.close(dev)
 
@@ -355,15 +356,11 @@ def _drop_privileges(uid: int, gid: int, groups: list[int], *, net_raw: bool) ->
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+def _mount(source: str, target: str | bytes, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); a target of /proc/self/fd/N is the fd's own directory, never re-resolved by name."""
+    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode() if fstype else None, flags,
                    data.encode() if data else None) != 0:
-        _raise_errno(f"mount {target}")
-
-
-def _fd_path(fd: int, name: str = "") -> str:
-    """The magic link to an fd's file: mount(2) takes paths, and this one is never re-resolved."""
-    return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+        _raise_errno(f"mount {os.fsdecode(target)}")
 
 
 def _raise_errno(what: str) -> None:

@@ -113,7 +113,7 @@ _RESOLVE_IN_ROOT = 0x10
 def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
     """open(2) ``relpath`` as a process chrooted at ``root_fd`` would: ``..`` and absolute symlinks stay inside.
 
-    For following an image's own symlinks (a runtime's Volumes, WorkingDir) without ever
+    For following an image's own symlinks (a runtime's Volumes) without ever
     reaching the host; magic links (/proc/*/fd) are refused. Needs openat2 (Linux 5.6).
     """
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
