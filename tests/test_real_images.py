@@ -497,3 +497,21 @@ def test_layermount_run_on_the_debian_image(debian, debian_store, tmp_path):
     assert result.returncode == 5, result.stderr
     assert "Debian GNU/Linux" in result.stdout and "pid 1" in result.stdout
     assert (upper / "diff/tmp/x").read_text() == "hi\n"
+
+
+def test_layermount_run_does_not_hand_out_the_host_on_the_debian_image(debian, debian_store, tmp_path):
+    """Issue 9's checks on a real distribution: no CAP_SYS_ADMIN, core_pattern read-only, and the host's
+    files reached neither by `..` nor by perl's chroot escape (chroot x, chdir .. past it, chroot .)."""
+    sentinel = tmp_path / "host-secret"
+    sentinel.write_text("host-secret-debian")
+    escape = (f'mkdir "x"; chroot "x" or die "chroot: $!"; chdir ".." for 1..64; chroot "."; '
+              f'open(my $f, "<", "{sentinel}") and print "ESCAPED ", <$f>; print "tried\\n"')
+    script = ("grep ^CapEff /proc/self/status; cat /proc/sys/kernel/core_pattern > /tmp/core; "
+              "cat /tmp/core > /proc/sys/kernel/core_pattern && echo core_pattern WRITTEN; "
+              f"cd /../../..; cat .{sentinel}; perl -e '{escape}'")
+    result = run_layermount("run", "--store", debian_store, "-q", debian.images["docker"], "/bin/sh", "-c", script,
+                            timeout=300)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("CapEff:") and not int(lines[0].split()[1], 16) & (1 << 21), result.stderr
+    assert "WRITTEN" not in result.stdout and "ESCAPED" not in result.stdout and lines[-1] == "tried"
+    assert "host-secret-debian" not in result.stdout and sentinel.read_text() == "host-secret-debian"

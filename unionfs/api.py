@@ -391,24 +391,27 @@ def history(image: Image, store: "LayerStore") -> list[HistoryStep]:
 
 
 def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_dir: str | None = None,
-              progress=None) -> int:
+              network: str = "none", progress=None) -> int:
     """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
     from .mount import unmount
     from .runtime import container_for, fresh_volumes, run
 
-    # The mount's root is 0755 like any root: only a private (0700) parent keeps other users out.
-    private_parent = tempfile.mkdtemp(prefix="layermount-run-")
-    mountpoint = os.path.join(private_parent, "root")
+    container = container_for(image.config, "", command)
+    container.network = network
+    # The mountpoint sits in a 0700 directory of its own: the container gets in through the
+    # pivot, no other host user can walk to it, whatever the mount's allow_other says.
+    private = tempfile.mkdtemp(prefix="layermount-run-")
+    mountpoint = os.path.join(private, "root")
     os.mkdir(mountpoint, 0o700)
     volumes_base = None
     try:
-        user = ((image.config.get("config") or {}).get("User") or "").split(":")[0]
         # FUSE lets only the mounting user in unless allow_other: needed when the image runs as another.
+        user = container.user.split(":")[0]
         options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
+        container.volumes, volumes_base = fresh_volumes(image.config)
         mount_image(image, store, options, progress, upper_dir)
         try:
-            container = container_for(image.config, mountpoint, command)
-            container.volumes, volumes_base = fresh_volumes(image.config)
+            container.root = mountpoint
             for inside in container.volumes:
                 print(f"layermount: volume {shown(inside)} is a fresh temporary directory; writes there "
                       f"do not go to the upper layer", file=sys.stderr)
@@ -419,6 +422,6 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
         if volumes_base is not None:
             with contextlib.suppress(OSError):     # what the container left, however deep
                 remove_tree(Path(volumes_base))
-        with contextlib.suppress(OSError):
-            os.rmdir(mountpoint)
-            os.rmdir(private_parent)
+        for directory in (mountpoint, private):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)

@@ -92,6 +92,8 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a command in the image, in its own namespaces, on the mount")
     run.add_argument("image", metavar="IMAGE")
     run.add_argument("--upper", metavar="DIR", help="keep the container's changes in DIR")
+    run.add_argument("--network", choices=("none", "host"), default="none",
+                     help="none (default): a network namespace with only loopback; host: share the host's")
     _add_image_options(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD", help="default: Entrypoint + Cmd")
 
@@ -253,7 +255,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         image = api.load_image([args.image], platform=args.platform, ref=args.ref)
         return api.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
-                             progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
+                             network=args.network, progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
     if args.command == "umount":
         unmount(args.mountpoint, lazy=args.lazy)
         return 0

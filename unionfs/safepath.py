@@ -105,3 +105,22 @@ def fd_path(fd: int, name: bytes = b"") -> bytes:
     """
     base = b"/proc/self/fd/%d" % fd
     return base + b"/" + name if name else base
+
+
+_RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
+    """open(2) ``relpath`` as a process chrooted at ``root_fd`` would: ``..`` and absolute symlinks stay inside.
+
+    For following an image's own symlinks (a runtime's Volumes) without ever
+    reaching the host; magic links (/proc/*/fd) are refused. Needs openat2 (Linux 5.6).
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, root_fd, relpath or b".", ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise OSError(err, "resolving a path inside an image needs openat2 (Linux 5.6)", relpath)
+        raise OSError(err, os.strerror(err), relpath)
+    return fd
