@@ -8,20 +8,17 @@ import datetime
 import json
 import os
 import shutil
-import stat
 import sys
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from . import safepath
 from .errors import ImageError, MountError, UsageError
 from .mount import FSTYPE, MountOptions, mount, mount_entries
-from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
+from .layerform import OCI, OVERLAY, STACK_XATTR
+from .overlay import Layer, MergedView, UpperLayer, layers_from_store
 from .progress import PullProgress
-from .upper import OCI, OVERLAY, UpperLayer
-from .whiteout import OPAQUE_MARKER, whiteout_name
 
 if TYPE_CHECKING:
     from .image.model import Image

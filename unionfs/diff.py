@@ -13,8 +13,9 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from .overlay import HIDDEN_XATTR_PREFIXES, Layer, MergedView, is_overlay_opaque
-from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
+from .layerform import (HIDDEN_XATTR_PREFIXES, OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_opaque,
+                        is_overlay_whiteout, whiteout_target)
+from .overlay import Layer, MergedView
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 
@@ -58,7 +59,7 @@ def _walk(dir_fd: int, prefix: str) -> Iterator[UpperEntry]:
             yield UpperEntry(f"{prefix}/{target}" if prefix else target, "whiteout", False)
         elif name.startswith(WHITEOUT_PREFIX):
             continue
-        elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        elif is_overlay_whiteout(st):
             yield UpperEntry(relpath, "whiteout", False)
         elif stat.S_ISDIR(st.st_mode):
             yield UpperEntry(relpath, "entry", True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .errors import ImageError
 from .image.compression import open_decompressed
 from .image.model import Image
-from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
+from .layerform import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 
 ERROR, WARNING = "error", "warning"
 

@@ -23,7 +23,8 @@ import trio
 
 from .errors import MountError
 from .fuse_ops import LayerOperations
-from .overlay import PID_XATTR, MergedView
+from .layerform import PID_XATTR
+from .overlay import MergedView
 
 FSTYPE = "fuse.layermount"
 log = logging.getLogger("layermount")
@@ -159,8 +160,7 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
         log.exception("FUSE loop failed")
     finally:
         pyfuse3.close(unmount=unmounted_by_us)
-        if operations.cuts is not None:
-            operations.cuts.close()
+        operations.close()
         view.close()
         if cleanup is not None:
             cleanup()

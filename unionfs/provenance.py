@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import safepath
 from .overlay import Layer, MergedView
-from .whiteout import OPAQUE_MARKER, whiteout_name
+from .layerform import OPAQUE_MARKER, whiteout_name
 
 
 @dataclass
