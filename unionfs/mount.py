@@ -143,7 +143,7 @@ def _detach_stdio(log_file: str | None) -> None:
 
 def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
            cleanup: Callable[[], None] | None) -> int:
-    """Run the FUSE loop until unmounted or signalled; 0 on a clean exit."""
+    """Run the FUSE loop until unmounted or signalled; 0 on a clean exit, 1 when the loop failed."""
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
                         format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
     operations = LayerOperations(view, layers_dir=options.layers_dir)
@@ -154,17 +154,19 @@ def _serve(view: MergedView, options: MountOptions, ready_fd: int | None,
         view.close()
         return 1
     unmounted_by_us = False
+    code = 0
     try:
         unmounted_by_us = trio.run(_main, options.mountpoint, ready_fd)
     except Exception:
         log.exception("FUSE loop failed")
+        code = 1
     finally:
         pyfuse3.close(unmount=unmounted_by_us)
         operations.close()
         view.close()
         if cleanup is not None:
             cleanup()
-    return 0
+    return code
 
 
 async def _main(mountpoint: str, ready_fd: int | None) -> bool:
@@ -175,7 +177,7 @@ async def _main(mountpoint: str, ready_fd: int | None) -> bool:
         await trio.to_thread.run_sync(os.stat, mountpoint)
         _report(ready_fd, "ready")
 
-    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+    async def watch_signals() -> None:
         nonlocal signalled
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
@@ -184,7 +186,7 @@ async def _main(mountpoint: str, ready_fd: int | None) -> bool:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals)
         nursery.start_soon(announce_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
