@@ -45,6 +45,14 @@ def stack(tmp_path):
     return tmp_path, [upper_layer, lower]
 
 
+@pytest.fixture
+def view(stack):
+    """The stack merged, with a writable OCI-form upper."""
+    merged = open_view(*stack)
+    yield merged
+    merged.close()
+
+
 def open_view(tmp_path, lowers, writable=True):
     layers = [Layer.open(path, overlay_form=False) for path in lowers]
     upper = UpperLayer(str(tmp_path / "upper"), str(tmp_path / "work"), OCI) if writable else None
@@ -111,103 +119,79 @@ def test_char_0_0_is_a_whiteout_only_in_a_layer_of_overlay_form(tmp_path):
             view.close()
 
 
-def test_copy_up_keeps_st_ino_and_leaves_the_lower_untouched(stack):
+def test_copy_up_keeps_st_ino_and_leaves_the_lower_untouched(stack, view):
     tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        node = walk(view, "keep/a")
-        ino = node.ino
-        trio.run(lambda: view.copy_up(node))
-        assert node.child.in_upper and node.ino == ino
-        view.set_attributes(node, AttrChange(size=0, mode=0o600, mtime_ns=10**9))
-        assert (tmp_path / "upper/keep/a").read_bytes() == b""
-        assert stat.S_IMODE(os.lstat(tmp_path / "upper/keep/a").st_mode) == 0o600
-        assert os.lstat(tmp_path / "upper/keep/a").st_mtime_ns == 10**9
-        assert (lowers[1] / "keep/a").read_bytes() == b"a"
-        assert view.lookup(walk(view, "keep"), b"a") is node
-    finally:
-        view.close()
+    node = walk(view, "keep/a")
+    ino = node.ino
+    trio.run(lambda: view.copy_up(node))
+    assert node.child.in_upper and node.ino == ino
+    view.set_attributes(node, AttrChange(size=0, mode=0o600, mtime_ns=10**9))
+    assert (tmp_path / "upper/keep/a").read_bytes() == b""
+    assert stat.S_IMODE(os.lstat(tmp_path / "upper/keep/a").st_mode) == 0o600
+    assert os.lstat(tmp_path / "upper/keep/a").st_mtime_ns == 10**9
+    assert (lowers[1] / "keep/a").read_bytes() == b"a"
+    assert view.lookup(walk(view, "keep"), b"a") is node
 
 
-def test_copy_up_of_one_hardlink_links_its_other_names(stack):
+def test_copy_up_of_one_hardlink_links_its_other_names(stack, view):
     tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        view.set_attributes(walk(view, "same"), AttrChange(mode=0o640))
-        upper = tmp_path / "upper"
-        assert os.lstat(upper / "same").st_ino == os.lstat(upper / "same-too").st_ino
-    finally:
-        view.close()
+    view.set_attributes(walk(view, "same"), AttrChange(mode=0o640))
+    upper = tmp_path / "upper"
+    assert os.lstat(upper / "same").st_ino == os.lstat(upper / "same-too").st_ino
 
 
-def test_removals_leave_whiteouts_and_say_why_they_fail(stack):
+def test_removals_leave_whiteouts_and_say_why_they_fail(stack, view):
     tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        etc = walk(view, "etc")
-        view.unlink(etc, b"passwd")
-        assert (tmp_path / "upper/etc/.wh.passwd").exists()
-        assert names(view, etc) == [b"hostname"]
-        for call, args, code in ((view.unlink, (etc, b"passwd"), errno.ENOENT),
-                                 (view.rmdir, (view.root, b"keep"), errno.ENOTEMPTY),
-                                 (view.unlink, (view.root, b"keep"), errno.EISDIR),
-                                 (view.rmdir, (view.root, b"same"), errno.ENOTDIR),
-                                 (view.mkdir, (view.root, b".wh.x", 0o755, 0, 0), errno.EINVAL),
-                                 (view.mkdir, (view.root, b"n" * 256, 0o755, 0, 0), errno.ENAMETOOLONG),
-                                 (view.mkdir, (view.root, b"etc", 0o755, 0, 0), errno.EEXIST)):
-            with pytest.raises(OSError) as raised:
-                call(*args)
-            assert raised.value.errno == code, call
-    finally:
-        view.close()
-
-
-def test_a_new_directory_over_a_deleted_lower_one_is_opaque(stack):
-    tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        keep = walk(view, "keep")
-        view.unlink(keep, b"a")
-        view.rmdir(view.root, b"keep")
-        again = view.mkdir(view.root, b"keep", 0o755, 0, 0)
-        assert names(view, again) == []
-        assert (tmp_path / "upper/keep/.wh..wh..opq").exists()
-    finally:
-        view.close()
-
-
-def test_rename_of_a_lower_directory_moves_its_tree_and_hides_the_old_name(stack):
-    tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        held = walk(view, "keep")
-        view.rename(view.root, b"keep", view.root, b"kept", 0)
-        assert held.relpath == b"kept" and view.lookup(view.root, b"kept") is held
-        assert (tmp_path / "upper/kept/a").read_bytes() == b"a"
-        assert (tmp_path / "upper/.wh.keep").exists()
-        assert b"keep" not in view.listing(view.root)
+    etc = walk(view, "etc")
+    view.unlink(etc, b"passwd")
+    assert (tmp_path / "upper/etc/.wh.passwd").exists()
+    assert names(view, etc) == [b"hostname"]
+    for call, args, code in ((view.unlink, (etc, b"passwd"), errno.ENOENT),
+                             (view.rmdir, (view.root, b"keep"), errno.ENOTEMPTY),
+                             (view.unlink, (view.root, b"keep"), errno.EISDIR),
+                             (view.rmdir, (view.root, b"same"), errno.ENOTDIR),
+                             (view.mkdir, (view.root, b".wh.x", 0o755, 0, 0), errno.EINVAL),
+                             (view.mkdir, (view.root, b"n" * 256, 0o755, 0, 0), errno.ENAMETOOLONG),
+                             (view.mkdir, (view.root, b"etc", 0o755, 0, 0), errno.EEXIST)):
         with pytest.raises(OSError) as raised:
-            view.rename(view.root, b"etc", view.root, b"same", 0)
-        assert raised.value.errno == errno.ENOTDIR
-    finally:
-        view.close()
+            call(*args)
+        assert raised.value.errno == code, call
 
 
-def test_a_host_inode_number_freed_in_the_upper_is_retired(stack):
+def test_a_new_directory_over_a_deleted_lower_one_is_opaque(stack, view):
     tmp_path, lowers = stack
-    view = open_view(tmp_path, lowers)
-    try:
-        first, fd = view.create(view.root, b"f", 0o644, os.O_WRONLY, 0, 0)
-        os.close(fd)
-        old_ino = first.ino
-        view.unlink(view.root, b"f")
-        second, fd = view.create(view.root, b"g", 0o644, os.O_WRONLY, 0, 0)
-        os.close(fd)
-        if os.lstat(tmp_path / "upper/g").st_ino == old_ino:
-            assert second.ino != old_ino      # the host reused the number; the mount must not
-        assert first.unlinked
-    finally:
-        view.close()
+    keep = walk(view, "keep")
+    view.unlink(keep, b"a")
+    view.rmdir(view.root, b"keep")
+    again = view.mkdir(view.root, b"keep", 0o755, 0, 0)
+    assert names(view, again) == []
+    assert (tmp_path / "upper/keep/.wh..wh..opq").exists()
+
+
+def test_rename_of_a_lower_directory_moves_its_tree_and_hides_the_old_name(stack, view):
+    tmp_path, lowers = stack
+    held = walk(view, "keep")
+    view.rename(view.root, b"keep", view.root, b"kept", 0)
+    assert held.relpath == b"kept" and view.lookup(view.root, b"kept") is held
+    assert (tmp_path / "upper/kept/a").read_bytes() == b"a"
+    assert (tmp_path / "upper/.wh.keep").exists()
+    assert b"keep" not in view.listing(view.root)
+    with pytest.raises(OSError) as raised:
+        view.rename(view.root, b"etc", view.root, b"same", 0)
+    assert raised.value.errno == errno.ENOTDIR
+
+
+def test_a_host_inode_number_freed_in_the_upper_is_retired(stack, view):
+    tmp_path, lowers = stack
+    first, fd = view.create(view.root, b"f", 0o644, os.O_WRONLY, 0, 0)
+    os.close(fd)
+    old_ino = first.ino
+    view.unlink(view.root, b"f")
+    second, fd = view.create(view.root, b"g", 0o644, os.O_WRONLY, 0, 0)
+    os.close(fd)
+    if os.lstat(tmp_path / "upper/g").st_ino == old_ino:
+        assert second.ino != old_ino      # the host reused the number; the mount must not
+    assert first.unlinked
 
 
 def test_the_router_gives_each_cut_its_own_inodes_and_keeps_cuts_read_only(stack):
