@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,21 @@ class Mounts:
                 os.kill(pid, signal.SIGKILL)
 
 
+def fuse_missing() -> str | None:
+    """Why a real FUSE mount cannot be made here, or None when it can."""
+    if shutil.which("fusermount3") is None:
+        return "FUSE missing: fusermount3 is not installed (scripts/setup installs fuse3)"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"FUSE missing: cannot open /dev/fuse ({exc.strerror})"
+    return None
+
+
+# For a test that mounts without the ``mounts`` fixture (which skips by itself).
+needs_fuse = pytest.mark.skipif(fuse_missing() is not None, reason=fuse_missing() or "")
+
+
 @pytest.fixture
 def store_dir(tmp_path) -> Path:
     return tmp_path / "store"
@@ -88,6 +104,9 @@ def store_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def mounts(tmp_path, store_dir):
+    missing = fuse_missing()
+    if missing:
+        pytest.skip(missing)
     manager = Mounts(tmp_path, store_dir)
     try:
         yield manager

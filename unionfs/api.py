@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from . import safepath
 from .errors import ImageError, MountError, UsageError
+from .layerform import OCI, OVERLAY, STACK_XATTR
 from .mount import FSTYPE, MountOptions, mount, mount_entries, mount_owner
 from .mountopts import ViewOptions
-from .overlay import STACK_XATTR, Layer, MergedView, layers_from_store
+from .overlay import Layer, MergedView, UpperLayer, layers_from_store
 from .progress import PullProgress
 from .textsafe import shown
-from .upper import OCI, OVERLAY, UpperLayer
-from .whiteout import OPAQUE_MARKER, whiteout_name
 
 if TYPE_CHECKING:
     from .image.model import Image

@@ -16,9 +16,10 @@ from typing import BinaryIO, Iterator
 
 from . import fstree
 from .errors import LayermountError
-from .overlay import HIDDEN_XATTR_PREFIXES, Layer, MergedView, is_overlay_opaque
+from .layerform import (HIDDEN_XATTR_PREFIXES, OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_opaque,
+                        whiteout_target)
+from .overlay import Layer, MergedView
 from .safepath import fd_path
-from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 

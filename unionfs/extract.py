@@ -27,7 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import BinaryIO, Callable, Iterator
 
 from .errors import ImageError, LayermountError, UnsafeArchive
-from .overlay import HIDDEN_XATTR_PREFIXES, OVERRIDE_XATTR
+from .layerform import HIDDEN_XATTR_PREFIXES, OVERRIDE_XATTR, Override
 from .safepath import fd_path
 from .textsafe import shown
 
@@ -540,10 +540,7 @@ class _Extractor:
             os.chmod(fd, meta.mode)
         self._set_xattrs(fd, meta.xattrs)
         if override:
-            value = f"{meta.uid}:{meta.gid}:0{file_type | meta.mode:o}"
-            if device:
-                value += f":{device[0]}:{device[1]}"
-            os.setxattr(fd, OVERRIDE_XATTR, value.encode())
+            os.setxattr(fd, OVERRIDE_XATTR, Override(meta.uid, meta.gid, file_type | meta.mode, device).encode())
             self.stats.overrides = True
         if meta.mtime_ns is not None:
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))

@@ -15,8 +15,8 @@ from .errors import ImageError
 from .extract import LayerRules, layer_members
 from .image.compression import open_decompressed
 from .image.model import Image
+from .layerform import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 from .textsafe import shown
-from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
 
 ERROR, WARNING = "error", "warning"
 

@@ -24,8 +24,9 @@ import trio
 
 from .errors import MountError
 from .fuse_ops import LayerOperations
+from .layerform import PID_XATTR
 from .mountopts import shown
-from .overlay import PID_XATTR, MergedView
+from .overlay import MergedView
 
 FSTYPE = "fuse.layermount"
 log = logging.getLogger("layermount")
@@ -190,7 +191,7 @@ def _detach_stdio(log_file: str | None) -> None:
 
 def _serve(view: MergedView, options: MountOptions, mountpoint_fd: int, ready_fd: int | None,
            cleanup: Callable[[], None] | None) -> int:
-    """Run the FUSE loop until unmounted or signalled; 0 on a clean exit."""
+    """Run the FUSE loop until unmounted or signalled; 0 on a clean exit, 1 when the loop failed."""
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
                         format="layermount[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
     _raise_fd_limit()
@@ -217,8 +218,7 @@ def _serve(view: MergedView, options: MountOptions, mountpoint_fd: int, ready_fd
     finally:
         pyfuse3.close(unmount=unmounted_by_us)   # through the same fd path: it stays open until here
         os.close(mountpoint_fd)
-        if operations.cuts is not None:
-            operations.cuts.close()
+        operations.close()
         view.close()
         if cleanup is not None:
             try:
@@ -278,7 +278,7 @@ async def _main(mountpoint: str, ready_fd: int | None) -> bool:
         await trio.to_thread.run_sync(os.stat, mountpoint)
         _report(ready_fd, "ready")
 
-    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+    async def watch_signals() -> None:
         nonlocal signalled
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
@@ -287,7 +287,7 @@ async def _main(mountpoint: str, ready_fd: int | None) -> bool:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals)
         nursery.start_soon(announce_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

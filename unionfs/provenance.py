@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import stat
 from dataclasses import dataclass
 
-from . import safepath
+from .layerform import whiteout_name
 from .overlay import Layer, MergedView
-from .whiteout import OPAQUE_MARKER, whiteout_name
 
 
 @dataclass
@@ -23,9 +21,15 @@ class LayerVerdict:
     note: str             # "wins", "hidden by ...", "whiteout", ...
 
 
+def open_stack(stack: list[dict]) -> MergedView:
+    """The mount's layers, read in the marker form the mount reads each in (its stack xattr says)."""
+    return MergedView([Layer.open(entry["path"], entry["name"], overlay_form=entry.get("overlay_form", True))
+                       for entry in stack])
+
+
 def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
     """For each layer (top first) whether it has ``relpath``, and which copy the merge shows."""
-    view = MergedView([Layer.open(entry["path"], entry["name"], overlay_form=True) for entry in stack])
+    view = open_stack(stack)
     try:
         sources, blocked_by = _resolve(view, relpath)
         verdicts = []
@@ -34,8 +38,8 @@ def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
             if layer is None:
                 continue
             number = len(view.layers) - position
-            has = _kind_in_layer(layer, relpath)
-            marks = _markers_in_layer(layer, parent, name)
+            has = _kind_in_layer(view, position, relpath)
+            marks = _markers_in_layer(view, position, parent, name)
             if position in sources:
                 note = "wins" if position == sources[0] else "merged into the directory above"
             elif marks:
@@ -68,56 +72,44 @@ def _resolve(view: MergedView, relpath: str) -> tuple[list[int], tuple[int, str]
 
 def _first_blocker(view: MergedView, parent: str, name: str, sources: tuple[int, ...]) -> tuple[int, str] | None:
     for position in sources:
-        marks = _markers_in_layer(view.layers[position], parent, name)
+        marks = _markers_in_layer(view, position, parent, name)
         if marks:
             return position, f"{marks} in layer {len(view.layers) - position}"
     return None
 
 
-def _kind_in_layer(layer: Layer, relpath: str) -> str | None:
-    parent, name = os.path.split(relpath)
-    try:
-        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+def _kind_in_layer(view: MergedView, position: int, relpath: str) -> str | None:
+    st = view.layer_lstat(position, os.fsencode(relpath))
+    if st is None:
         return None
-    try:
-        st = os.stat(name or ".", dir_fd=fd, follow_symlinks=False)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    if view.layers[position].is_whiteout(st):
+        return "whiteout (overlay form)"
     kinds = {stat.S_IFDIR: "directory", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
              stat.S_IFCHR: "char device", stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo",
              stat.S_IFSOCK: "socket"}
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return "whiteout (overlay form)"
     return kinds.get(stat.S_IFMT(st.st_mode), "other")
 
 
-def _markers_in_layer(layer: Layer, parent: str, name: str) -> str:
-    """Whiteout or opaque markers in this layer that hide ``name`` below it."""
-    try:
-        fd = safepath.open_beneath(layer.root_fd, os.fsencode(parent), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+def _markers_in_layer(view: MergedView, position: int, parent: str, name: str) -> str:
+    """Whiteout or opaque markers in this layer that hide ``name`` below it, as the merge reads them."""
+    listing = view.layer_listing(position, os.fsencode(parent))
+    if listing is None:
         return ""
-    try:
-        found = []
-        with contextlib.suppress(OSError):
-            os.stat(whiteout_name(name), dir_fd=fd, follow_symlinks=False)
-            found.append(f"whiteout {os.path.join(parent, whiteout_name(name))}")
-        with contextlib.suppress(OSError):
-            os.stat(OPAQUE_MARKER, dir_fd=fd, follow_symlinks=False)
-            found.append(f"opaque directory /{parent}")
-        return ", ".join(found)
-    finally:
-        os.close(fd)
-
-
+    found = []
+    if os.fsencode(name) in listing.whiteouts:
+        marker = os.path.join(parent, whiteout_name(name))
+        if view.layer_lstat(position, os.fsencode(marker)) is not None:
+            found.append(f"whiteout {marker}")
+        else:
+            found.append(f"whiteout {os.path.join(parent, name)} (char device 0/0)")
+    if listing.opaque and parent:
+        found.append(f"opaque directory /{parent}")   # the root is never opaque, as in kernel overlayfs
+    return ", ".join(found)
 
 
 def explain_lines(stack: list[dict], relpath: str) -> list[str]:
     """The lookup of ``relpath`` told step by step: each directory, each layer looked at, what stopped it."""
-    view = MergedView([Layer.open(entry["path"], entry["name"], overlay_form=True) for entry in stack])
+    view = open_stack(stack)
     try:
         lines = []
         node = view.root
@@ -128,10 +120,9 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
             lines.append(f"{path}:")
             looked = list(node.sources)
             for position in looked:
-                layer = view.layers[position]
                 label = _label(view, position)
-                kind = _kind_in_layer(layer, "/".join(parts[:depth + 1]))
-                marks = _markers_in_layer(layer, parent, part)
+                kind = _kind_in_layer(view, position, "/".join(parts[:depth + 1]))
+                marks = _markers_in_layer(view, position, parent, part)
                 if kind is not None and not kind.startswith("whiteout"):
                     lines.append(f"  {label}: has it ({kind})")
                     if kind != "directory":
@@ -156,7 +147,7 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
                 lines.append(f"  => the copy in {winner} is the one seen")
             if view.layers[child.sources[0]].name == "upper":
                 below = [p for p in looked if p != child.sources[0] and _kind_in_layer(
-                    view.layers[p], "/".join(parts[:depth + 1])) is not None]
+                    view, p, "/".join(parts[:depth + 1])) is not None]
                 when = datetime.datetime.fromtimestamp(child.attr.ctime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
                 if below:
                     lines.append(f"  => copied up from {_label(view, below[0])}; the upper copy last changed {when}")

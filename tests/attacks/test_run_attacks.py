@@ -12,7 +12,6 @@ import select
 import shutil
 import socket
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 

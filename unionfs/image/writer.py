@@ -24,6 +24,7 @@ from typing import Iterable, Union
 import zstandard
 
 from ..errors import LayermountError, UsageError
+from ..layerform import OPAQUE_MARKER as OPAQUE_NAME, WHITEOUT_PREFIX
 from .compression import CHUNK
 from .oci_layout import (CONTAINERD_NAME, DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
                          INDEX_FILE, LAYOUT_FILE, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, REF_NAME, Platform,
@@ -34,8 +35,6 @@ FORMATS = ("docker", "docker-oci", "oci", "oci-dir")
 COMPRESSIONS = ("none", "gzip", "zstd")
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_NAME = ".wh..wh..opq"
 
 
 # ---- layer tars from simple specs ------------------------------------------

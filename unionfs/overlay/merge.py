@@ -1,35 +1,15 @@
-"""OCI whiteout naming and the top-down merge rules, as pure functions over listings.
+"""The top-down merge rules, as pure functions over one directory's listings (names are bytes).
 
-Kept apart from FUSE so the rules (OCI image-spec layer.md, kernel overlayfs)
-can be read and tested on their own.
+Kept apart from FUSE and from the disk so the rules (OCI image-spec layer.md,
+kernel overlayfs) can be read and tested on their own; which names are
+markers is layerform's business.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-# Names like .wh..wh.plnk belong to the AUFS era: never shown, never meaningful.
-META_PREFIX = ".wh..wh."
-
-
-def whiteout_name(name: str) -> str:
-    """The marker file that hides ``name`` in the layers below."""
-    return WHITEOUT_PREFIX + name
-
-
-def whiteout_target(name: str) -> str | None:
-    """The name a ``.wh.`` marker hides, or None if ``name`` is no plain whiteout."""
-    if name.startswith(META_PREFIX) or not name.startswith(WHITEOUT_PREFIX):
-        return None
-    target = name[len(WHITEOUT_PREFIX):]
-    return target if target not in ("", ".", "..") else None
-
-
-def is_hidden_name(name: str) -> bool:
-    """Whiteout and opaque markers are never visible in a merged view."""
-    return name.startswith(WHITEOUT_PREFIX)
+from ..layerform import OPAQUE_MARKER_BYTES, is_marker_name, whiteout_target_bytes
 
 
 @dataclass
@@ -41,22 +21,26 @@ class DirListing:
     layers below contribute nothing to this directory.
     """
 
-    entries: dict[str, bool] = field(default_factory=dict)
-    whiteouts: set[str] = field(default_factory=set)
+    entries: dict[bytes, bool] = field(default_factory=dict)
+    whiteouts: set[bytes] = field(default_factory=set)
     opaque: bool = False
 
     @classmethod
-    def from_names(cls, names: dict[str, bool]) -> "DirListing":
+    def from_names(cls, names: dict[bytes, bool]) -> "DirListing":
         """Classify raw names (OCI marker form) into entries, whiteouts and opacity."""
         listing = cls()
         for name, is_dir in names.items():
-            if name == OPAQUE_MARKER:
-                listing.opaque = True
-            elif (target := whiteout_target(name)) is not None:
-                listing.whiteouts.add(target)
-            elif not is_hidden_name(name):
-                listing.entries[name] = is_dir
+            listing.add(name, is_dir)
         return listing
+
+    def add(self, name: bytes, is_dir: bool) -> None:
+        """One raw name of the layer's directory, OCI markers recognised."""
+        if name == OPAQUE_MARKER_BYTES:
+            self.opaque = True
+        elif (target := whiteout_target_bytes(name)) is not None:
+            self.whiteouts.add(target)
+        elif not is_marker_name(name):
+            self.entries[name] = is_dir
 
 
 @dataclass(frozen=True)
@@ -68,7 +52,7 @@ class MergedEntry:
     whiteout, a non-directory or an opaque copy.
     """
 
-    name: str
+    name: bytes
     is_dir: bool
     sources: tuple[int, ...]
 
@@ -89,15 +73,15 @@ def contributing(listings: list[DirListing | None]) -> list[int]:
     return used
 
 
-def merge(listings: list[DirListing | None]) -> dict[str, MergedEntry]:
+def merge(listings: list[DirListing | None]) -> dict[bytes, MergedEntry]:
     """Merge one directory's copies, top layer first; None marks a layer without it.
 
     A whiteout or opaque marker applies only to the layers below its own, so a
     layer may both whiteout and re-add a name.
     """
     used = contributing(listings)
-    merged: dict[str, MergedEntry] = {}
-    hidden: set[str] = set()
+    merged: dict[bytes, MergedEntry] = {}
+    hidden: set[bytes] = set()
     for position, index in enumerate(used):
         listing = listings[index]
         for name, is_dir in listing.entries.items():
@@ -112,7 +96,7 @@ def merge(listings: list[DirListing | None]) -> dict[str, MergedEntry]:
     return merged
 
 
-def _lower_dir_copies(name: str, listings: list[DirListing | None], used: list[int]) -> list[int]:
+def _lower_dir_copies(name: bytes, listings: list[DirListing | None], used: list[int]) -> list[int]:
     """Same-named directories below used[0] that merge into it."""
     found = []
     for above, index in zip(used, used[1:]):

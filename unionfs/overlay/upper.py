@@ -14,12 +14,9 @@ import errno
 import os
 import stat
 
-from . import safepath
-from .whiteout import OPAQUE_MARKER, whiteout_name
+from .. import layerform, safepath
+from ..layerform import HIDDEN_XATTR_PREFIXES, OCI, OVERLAY, whiteout_name_bytes
 
-OCI = "oci"
-OVERLAY = "overlay"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 COPY_CHUNK = 1 << 30
 
 
@@ -56,29 +53,11 @@ class UpperLayer:
 
     # ---- whiteouts and opacity -----------------------------------------------
     def make_whiteout(self, dir_fd: int, name: bytes) -> None:
-        if self.whiteout_form == OVERLAY:
-            os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
-        else:
-            fd = os.open(whiteout_name_bytes(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o000,
-                         dir_fd=dir_fd)
-            os.close(fd)
+        layerform.make_whiteout(dir_fd, name, self.whiteout_form)
 
     def remove_whiteout(self, dir_fd: int, name: bytes) -> bool:
         """Remove a whiteout for ``name`` if this directory holds one; True if it did."""
-        if self.whiteout_form == OVERLAY:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                os.unlink(name, dir_fd=dir_fd)
-                return True
-            return False
-        try:
-            os.unlink(whiteout_name_bytes(name), dir_fd=dir_fd)
-            return True
-        except FileNotFoundError:
-            return False
+        return layerform.remove_whiteout(dir_fd, name, self.whiteout_form)
 
     def rename_leaving_whiteout(self, old_dir_fd: int, name: bytes, new_dir_fd: int, new_name: bytes) -> None:
         """Move an entry and hide the lower one left at its old name, all or nothing."""
@@ -101,11 +80,7 @@ class UpperLayer:
             raise
 
     def make_opaque(self, dir_fd: int) -> None:
-        if self.whiteout_form == OVERLAY:
-            os.setxattr(safepath.fd_path(dir_fd, b"."), OVERLAY_OPAQUE_XATTR, b"y")
-        else:
-            fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o000, dir_fd=dir_fd)
-            os.close(fd)
+        layerform.make_opaque(dir_fd, self.whiteout_form)
 
     def clear_markers(self, dir_fd: int) -> None:
         """Empty a directory that the merged view already shows as empty (only markers remain)."""
@@ -187,10 +162,6 @@ class StagedCopy:
         self.source_fd = self.out_fd = -1
 
 
-def whiteout_name_bytes(name: bytes) -> bytes:
-    return os.fsencode(whiteout_name(os.fsdecode(name)))
-
-
 def copy_data(source_fd: int, dest_fd: int, size: int) -> None:
     """In-kernel copy (reflinks where the filesystem has them); plain copy as the fallback."""
     offset = 0
@@ -215,7 +186,7 @@ def copy_data(source_fd: int, dest_fd: int, size: int) -> None:
 def apply_metadata(fd: int, served, xattrs: dict[str, bytes]) -> None:
     """Owner, mode (after chown, which clears setuid), xattrs, then times (last: the rest touch ctime only).
 
-    ``served`` is the entry's attributes as the mount shows them (overlay.Attr).
+    ``served`` is the entry's attributes as the mount shows them (nodes.Attr).
     """
     os.fchown(fd, served.uid, served.gid)
     os.fchmod(fd, stat.S_IMODE(served.mode))
@@ -225,12 +196,13 @@ def apply_metadata(fd: int, served, xattrs: dict[str, bytes]) -> None:
     os.utime(fd, ns=(served.atime_ns, served.mtime_ns))
 
 
-def read_xattrs(dir_fd: int, name: bytes, skip_prefixes: tuple[bytes, ...]) -> dict[str, bytes]:
+def read_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
+    """An entry's xattrs to copy up: all but the hidden ones (ours and the kernel overlay's)."""
     path = safepath.fd_path(dir_fd, name)
     found = {}
     with contextlib.suppress(OSError):
         for key in os.listxattr(path, follow_symlinks=False):
-            if os.fsencode(key).startswith(skip_prefixes):
+            if os.fsencode(key).startswith(HIDDEN_XATTR_PREFIXES):
                 continue
             with contextlib.suppress(OSError):
                 found[key] = os.getxattr(path, key, follow_symlinks=False)

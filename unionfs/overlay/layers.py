@@ -1,0 +1,156 @@
+"""One layer directory as the merge reads it: held open by fd, its directories classified by its form.
+
+A store layer holds OCI markers only: a char 0/0 device in it is a device.
+A ``-o lowerdir=`` directory may hold either form. ``scan`` is the one place
+that decides, so the mount and ``which``/``explain`` can never disagree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import safepath
+from ..layerform import is_overlay_opaque, is_overlay_whiteout
+from .merge import DirListing
+
+
+@dataclass
+class Layer:
+    """One layer directory, held open by fd so paths resolve beneath it."""
+
+    name: str                 # the diff_id for store layers, the directory for -o lowerdir, "upper"
+    path: str
+    root_fd: int
+    rootless: bool            # owner and special modes live in the override xattr
+    overlay_form: bool        # may hold overlayfs-style whiteouts (char 0/0, opaque xattr)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, name: str | None = None, *, rootless: bool | None = None,
+             overlay_form: bool = True) -> "Layer":
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if rootless is None:
+            # Plain directories made by an unprivileged unpack carry override
+            # xattrs; only an unprivileged daemon needs to look for them.
+            rootless = os.geteuid() != 0
+        return cls(name or os.fspath(path), os.fspath(path), fd, rootless, overlay_form)
+
+    def duplicate(self) -> "Layer":
+        """The same layer on a new fd, for a view with a life of its own."""
+        return Layer(self.name, self.path, os.dup(self.root_fd), self.rootless, self.overlay_form)
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def describe(self) -> dict:
+        """What ``which``/``explain`` need to read the layer exactly as the mount does."""
+        return {"name": self.name, "path": self.path, "overlay_form": self.overlay_form}
+
+    def is_whiteout(self, st: os.stat_result) -> bool:
+        """Whether an entry of this layer is an overlayfs whiteout rather than a file of its own."""
+        return self.overlay_form and is_overlay_whiteout(st)
+
+    def open_dir(self, relpath: bytes) -> int | None:
+        """An fd of the layer's copy of a directory, or None where it has none."""
+        try:
+            return safepath.open_beneath(self.root_fd, relpath, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def lstat(self, relpath: bytes) -> os.stat_result | None:
+        """lstat of a path beneath the layer root, or None where the layer has nothing there."""
+        parent, name = safepath.split_parent(relpath)
+        try:
+            fd = safepath.open_beneath(self.root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None   # a parent that is missing, no directory, or leads outside
+        try:
+            return os.stat(name or b".", dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def scan(self, dir_fd: int) -> tuple[DirListing, dict[bytes, os.DirEntry]]:
+        """This layer's copy of a directory, classified, and the entries it shows."""
+        entries: dict[bytes, os.DirEntry] = {}
+        listing = DirListing()
+        with os.scandir(dir_fd) as scan:
+            for entry in scan:
+                name = os.fsencode(entry.name)
+                if self.overlay_form and _is_overlay_whiteout(entry):
+                    listing.whiteouts.add(name)
+                    continue
+                listing.add(name, entry.is_dir(follow_symlinks=False))
+                if name in listing.entries:
+                    entries[name] = entry
+        if self.overlay_form and not listing.opaque:
+            listing.opaque = is_overlay_opaque(dir_fd)
+        return listing, entries
+
+    def listing_of(self, relpath: bytes) -> DirListing | None:
+        """The classified copy of one directory, or None where the layer has none."""
+        fd = self.open_dir(relpath)
+        if fd is None:
+            return None
+        try:
+            return self.scan(fd)[0]
+        finally:
+            os.close(fd)
+
+
+def layers_from_store(stored_layers) -> list[Layer]:
+    """Open store layers (given bottom first, as images list them) as a top-first stack."""
+    return [Layer.open(Path(layer.path), layer.diff_id, rootless=layer.rootless, overlay_form=False)
+            for layer in reversed(stored_layers)]
+
+
+class ParentFd:
+    """Context manager: (fd of the entry's parent dir in a layer, entry name)."""
+
+    def __init__(self, layer: Layer, relpath: bytes):
+        self.layer, self.relpath = layer, relpath
+
+    def __enter__(self) -> tuple[int, bytes]:
+        parent, name = safepath.split_parent(self.relpath)
+        if not name:
+            # The root: its "parent" is the layer root fd and "." names it.
+            self.fd = os.dup(self.layer.root_fd)
+            return self.fd, b"."
+        self.fd = safepath.open_beneath(self.layer.root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
+        return self.fd, name
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def paths_of_inode(layer: Layer, host_ino: int) -> list[bytes]:
+    """Every path in a layer naming one inode (a walk of the layer, never following symlinks)."""
+    found = []
+    for dir_path, _, file_names, dir_fd in os.fwalk(".", dir_fd=layer.root_fd):
+        for name in file_names:
+            try:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == host_ino:
+                    found.append(os.fsencode(os.path.normpath(os.path.join(dir_path, name))))
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def regular_file(fd: int) -> int:
+    """The fd if it is a regular file (O_NONBLOCK then cleared); otherwise closed, and EIO."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EIO, "a layer file changed type behind the mount")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _is_overlay_whiteout(entry: os.DirEntry) -> bool:
+    """A char device 0/0; d_type rules out the common kinds without a stat."""
+    if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False) or entry.is_symlink():
+        return False
+    return is_overlay_whiteout(entry.stat(follow_symlinks=False))

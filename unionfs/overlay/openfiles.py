@@ -1,0 +1,62 @@
+"""Files open through the mount, by inode: what a deleted file still is, and readers that follow a copy-up.
+
+A reader that opened a lower file before it was copied up must see the writes
+made after, as on one filesystem: its fd is repointed at the copy (dup2) the
+moment the copy-up completes. A deleted file that is still open is known only
+by its fds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable
+
+from .nodes import Node
+
+
+class OpenFiles:
+    """Every fd the kernel holds as a file handle, by inode."""
+
+    def __init__(self):
+        self._inode_of: dict[int, int] = {}
+        self._by_inode: dict[int, dict[int, bool]] = {}     # inode -> {fd: opened on a lower file}
+
+    def add(self, fd: int, node: Node, *, lower: bool = False) -> None:
+        self._inode_of[fd] = node.ino
+        self._by_inode.setdefault(node.ino, {})[fd] = lower
+
+    def __contains__(self, fd: int | None) -> bool:
+        return fd in self._inode_of
+
+    def any_fd(self, node: Node) -> int | None:
+        return next(iter(self._by_inode.get(node.ino, ())), None)
+
+    def reopen(self, node: Node, flags: int) -> int:
+        """A deleted file has no path (its old name may be another file now): only what is
+        still open of it can be opened again."""
+        fd = self.any_fd(node)
+        if fd is None:
+            raise OSError(errno.ENOENT, "deleted")
+        again = os.open(f"/proc/self/fd/{fd}", flags & ~os.O_TRUNC | os.O_CLOEXEC)
+        self.add(again, node)
+        return again
+
+    def follow_copy_up(self, node: Node, open_copy: Callable[[], int]) -> None:
+        """The node now lives in the upper: its readers of the lower file read the copy instead."""
+        fds = self._by_inode.get(node.ino)
+        for fd, lower in (fds or {}).items():
+            if lower:
+                copy = open_copy()
+                os.dup2(copy, fd, inheritable=False)
+                os.close(copy)
+                fds[fd] = False
+
+    def release(self, fd: int) -> None:
+        ino = self._inode_of.pop(fd, None)
+        fds = self._by_inode.get(ino)
+        if fds is not None:
+            fds.pop(fd, None)
+            if not fds:
+                del self._by_inode[ino]
+        os.close(fd)
