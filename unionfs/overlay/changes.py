@@ -16,10 +16,9 @@ from .. import safepath
 from ..layerform import is_marker_name
 from .copyup import CopyUp
 from .nodes import UPPER, Attr, Child, Node
-from .tree import Tree
+from .tree import Tree, check_name_length
 from .upper import remove_tree_at
 
-NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -110,6 +109,7 @@ class Changes:
         self._remove(parent, child)
 
     def _existing(self, parent: Node, name: bytes) -> Child:
+        check_name_length(name)
         child = self.tree.listing(parent).get(name)
         if child is None:
             raise OSError(errno.ENOENT, "no such entry")
@@ -210,10 +210,9 @@ class Changes:
 
 
 def _check_name(name: bytes) -> None:
+    check_name_length(name)
     if is_marker_name(name):
         raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
-    if len(name) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
 def _new_gid(parent: Node, gid: int) -> int:

@@ -9,6 +9,7 @@ in place (``changes``, ``copyup``).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import NamedTuple
 
@@ -18,6 +19,15 @@ from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing, merge
 from .nodes import UPPER, Attr, Child, Node
+
+
+NAME_MAX = 255
+
+
+def check_name_length(name: bytes) -> None:
+    """A name longer than any layer can hold is ENAMETOOLONG, never a mere ENOENT (as on the host)."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
 class _Copy(NamedTuple):
@@ -128,6 +138,7 @@ class Tree:
             node = parent if name == b"." else parent.parent or parent
             node.lookups += 1
             return node
+        check_name_length(name)
         child = self.listing(parent).get(name)
         if child is None:
             return None

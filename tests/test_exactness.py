@@ -1,0 +1,117 @@
+"""Exactness through a real mount: errnos, link counts, directory times and inode numbers as the kernel has them.
+
+Each case here was a difference from kernel overlayfs (``index=on,redirect_dir=on``)
+or from a fresh unpack of the merged tree; the mtime cases run the same
+operation on both mounts of the same layers and compare.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from oracle import kernel_overlay
+from test_mount import make_tree
+
+KERNEL_FEATURES = "index=on,redirect_dir=on"
+LONG_NAME = "n" * 256      # one byte over NAME_MAX
+OLD_NS = 1_000_000_000 * 1_500_000_000   # 2017: far from "now", so any touch shows
+
+
+def _old_times(root: Path) -> Path:
+    """Every entry of a layer dir gets the same old mtime, so a touch by the mount is visible."""
+    for directory, names, files in os.walk(root, topdown=False):
+        for name in names + files:
+            os.utime(os.path.join(directory, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+    os.utime(root, ns=(OLD_NS, OLD_NS))
+    return root
+
+
+@pytest.fixture
+def lowers(tmp_path):
+    top = make_tree(tmp_path / "top", {"t/keep": b"t", "hl2": ("link", "hl1")})
+    bottom = make_tree(tmp_path / "bottom", {
+        "dir/file": b"lower file", "dir/sub/inner": b"inner", "dir/other": b"o",
+        "hard/a": b"hard", "hard/b": ("hard", "hard/a"), "hard/c": ("hard", "hard/a"),
+        "hl1": b"one", "hl2": ("hard", "hl1"),
+    })
+    os.chmod(bottom / "dir", 0o777)
+    return [_old_times(top), _old_times(bottom)]
+
+
+def mount_writable(mounts, tmp_path: Path, lowers, name: str = "mnt") -> Path:
+    for part in ("upper", "work"):
+        (tmp_path / part).mkdir(exist_ok=True)
+    spec = ("lowerdir=" + ":".join(map(str, lowers))
+            + f",upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}")
+    return mounts.mount("-o", spec, store=False, mountpoint=mounts.mountpoint(name))
+
+
+def errno_of(action) -> int | None:
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+# ---- errnos (pjdfstest */02.t, rename/01.t, truncate/03.t, ftruncate/03.t) -----------------
+
+def test_names_over_name_max_are_enametoolong_in_every_call(mounts, tmp_path, lowers):
+    """A name over 255 bytes is ENAMETOOLONG, as on any Linux filesystem, never a mere ENOENT."""
+    point = mount_writable(mounts, tmp_path, lowers)
+    long = point / "dir" / LONG_NAME
+    calls = {
+        "stat": lambda: os.lstat(long),
+        "chmod": lambda: os.chmod(long, 0o600),
+        "chown": lambda: os.chown(long, 1, 1),
+        "lchown": lambda: os.lchown(long, 1, 1),
+        "truncate": lambda: os.truncate(long, 1),
+        "unlink": lambda: os.unlink(long),
+        "rmdir": lambda: os.rmdir(long),
+        "link from": lambda: os.link(long, point / "dir/x"),
+        "link to": lambda: os.link(point / "dir/file", long),
+        "rename from": lambda: os.rename(long, point / "dir/x"),
+        "rename to": lambda: os.rename(point / "dir/file", long),
+        "open": lambda: os.open(long, os.O_RDONLY),
+        "create": lambda: os.open(long, os.O_CREAT | os.O_WRONLY, 0o644),
+        "mkdir": lambda: os.mkdir(long),
+    }
+    found = {name: errno.errorcode.get(errno_of(call)) for name, call in calls.items()}
+    assert found == {name: "ENAMETOOLONG" for name in calls}
+    assert (point / "dir/file").read_bytes() == b"lower file"
+
+
+def test_a_path_longer_than_path_max_below_the_layer_root_still_works(mounts, tmp_path, lowers):
+    """The kernel hands the daemon names, not paths: a file reached from a deep cwd is fine even
+    when its path from the mount's root passes PATH_MAX (pjdfstest truncate/03.t `N/../N`)."""
+    point = mount_writable(mounts, tmp_path, lowers)
+    component = "d" * 250
+    (point / "dir" / component).mkdir()
+    start = os.getcwd()
+    os.chdir(point / "dir" / component)
+    try:
+        deep = "/".join([component] * 16)          # 4,020 bytes from the cwd, 4,275 from the root
+        os.makedirs(deep)
+        name = f"{deep}/file"
+        os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644))
+        os.truncate(name, 123)
+        assert os.stat(name).st_size == 123
+        fd = os.open(name, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 7)
+            os.write(fd, b"written")
+        finally:
+            os.close(fd)
+        with open(name, "rb") as handle:
+            assert handle.read() == b"written"
+        os.chmod(name, 0o600)
+        assert stat.S_IMODE(os.stat(name).st_mode) == 0o600
+        os.unlink(name)
+        assert not os.path.lexists(name)
+    finally:
+        os.chdir(start)
