@@ -115,3 +115,86 @@ def test_a_path_longer_than_path_max_below_the_layer_root_still_works(mounts, tm
         assert not os.path.lexists(name)
     finally:
         os.chdir(start)
+
+
+# ---- directory and file mtimes against kernel overlayfs ----------------------------------------
+
+def _mtime_lowers(tmp_path: Path) -> list[Path]:
+    top = make_tree(tmp_path / "mtop", {"t/keep": b"t", "dir/sub/top": b"merged in"})
+    bottom = make_tree(tmp_path / "mbottom", {
+        "dir/file": b"lower file", "dir/sub/inner": b"inner", "dir/other": b"o", "dir/sym": ("link", "file"),
+        "hard/a": b"hard", "hard/b": ("hard", "hard/a"), "hard/in/c": ("hard", "hard/a"),
+    })
+    (bottom / "dir/empty").mkdir()
+    os.mkfifo(bottom / "dir/fifo")
+    return [_old_times(top), _old_times(bottom)]
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as handle:
+        handle.write(b"more")
+
+
+def _open_for_writing(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY))
+
+
+# name -> (steps run on both mounts, the paths whose mtimes are compared afterwards)
+MTIME_CASES = {
+    "chmod copies up": ([lambda r: os.chmod(r / "dir/file", 0o600)], ["", "dir", "dir/file"]),
+    "chown copies up": ([lambda r: os.chown(r / "dir/sub/inner", 1, 1)], ["dir", "dir/sub", "dir/sub/inner"]),
+    "open for writing copies up": ([lambda r: _open_for_writing(r / "dir/file")], ["dir", "dir/file"]),
+    "append": ([lambda r: _append(r / "dir/sub/inner")], ["", "dir", "dir/sub", "dir/sub/inner"]),
+    "truncate": ([lambda r: os.truncate(r / "dir/file", 3)], ["dir", "dir/file"]),
+    "setxattr on a file": ([lambda r: os.setxattr(r / "dir/file", "user.k", b"v")], ["dir", "dir/file"]),
+    "chmod of a merged dir": ([lambda r: os.chmod(r / "dir/sub", 0o700)], ["", "dir", "dir/sub"]),
+    "lchown of a symlink": ([lambda r: os.lchown(r / "dir/sym", 2, 2)], ["dir", "dir/sym"]),
+    "chmod of a fifo": ([lambda r: os.chmod(r / "dir/fifo", 0o600)], ["dir", "dir/fifo"]),
+    "chmod of a hardlinked file": ([lambda r: os.chmod(r / "hard/a", 0o600)], ["hard", "hard/in", "hard/a"]),
+    "unlink": ([lambda r: os.unlink(r / "dir/file")], ["", "dir"]),
+    "rmdir": ([lambda r: os.rmdir(r / "dir/empty")], ["", "dir"]),
+    "create": ([lambda r: (r / "dir/sub/new").write_bytes(b"n")], ["", "dir", "dir/sub"]),
+    "mkdir": ([lambda r: os.mkdir(r / "dir/sub/newdir")], ["dir", "dir/sub"]),
+    "link": ([lambda r: os.link(r / "dir/file", r / "dir/sub/file")], ["", "dir", "dir/sub", "dir/file"]),
+    "rename in a dir": ([lambda r: os.rename(r / "dir/file", r / "dir/moved")], ["", "dir", "dir/moved"]),
+    "rename across dirs": ([lambda r: os.rename(r / "dir/file", r / "t/file")], ["", "dir", "t", "t/file"]),
+    "rename over a file": ([lambda r: os.rename(r / "dir/other", r / "dir/file")], ["dir", "dir/file"]),
+    "rename a lower dir": ([lambda r: os.rename(r / "dir/sub", r / "dir/moved")],
+                           ["", "dir", "dir/moved", "dir/moved/inner", "dir/moved/top"]),
+    "rename a dir onto a deleted lower name": (
+        [lambda r: os.rmdir(r / "dir/empty"), lambda r: os.rename(r / "t", r / "dir/empty")],
+        ["dir/empty", "dir/empty/keep"]),
+    "mkdir over a deleted lower dir": (
+        [lambda r: os.rmdir(r / "dir/empty"), lambda r: os.utime(r / "dir", ns=(OLD_NS, OLD_NS)),
+         lambda r: os.mkdir(r / "dir/empty")], ["", "dir"]),
+}
+
+
+def _changed(root: Path, paths: list[str]) -> dict[str, str]:
+    """Whether each path still has the layers' old mtime."""
+    return {path: "kept" if os.lstat(root / path).st_mtime_ns == OLD_NS else "changed" for path in paths}
+
+
+@pytest.mark.parametrize("whiteouts", ["overlay", "oci"])
+@pytest.mark.parametrize("case", sorted(MTIME_CASES))
+def test_mtimes_after_an_operation_on_lower_entries_are_the_kernels(mounts, tmp_path, case, whiteouts):
+    """Copy-up of a child, whiteouts, opaque markers and rename bookkeeping leave parents' (and the
+    entry's own) mtimes as kernel overlayfs leaves them: only what the operation itself changes moves."""
+    steps, paths = MTIME_CASES[case]
+    lowers = _mtime_lowers(tmp_path)
+    for part in ("upper", "work", "kernel-upper"):
+        (tmp_path / part).mkdir()
+    extra = ("--whiteout-format", "oci") if whiteouts == "oci" else ()
+    spec = "lowerdir=" + ":".join(map(str, lowers)) + f",upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    ours = mounts.mount("-o", spec, *extra, store=False, mountpoint=mounts.mountpoint("ours"))
+    with kernel_overlay(lowers, mountpoint=tmp_path / "kernel", upper=tmp_path / "kernel-upper",
+                        options=KERNEL_FEATURES) as kernel:
+        for root in (ours, kernel):
+            for step in steps:
+                step(root)
+        expected = _changed(kernel, paths)
+        assert _changed(ours, paths) == expected
+    # What the kernel cached of a lower directory hides nothing after a remount: the upper itself must be right.
+    mounts.umount(ours)
+    again = mounts.mount("-o", spec, *extra, store=False, mountpoint=mounts.mountpoint("again"))
+    assert _changed(again, paths) == expected

@@ -17,7 +17,7 @@ from ..layerform import is_marker_name
 from .copyup import CopyUp
 from .nodes import UPPER, Attr, Child, Node
 from .tree import Tree, check_name_length
-from .upper import remove_tree_at
+from .upper import remove_tree_at, times_kept
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -205,7 +205,7 @@ class Changes:
         self.tree.refresh(child, new_parent)
 
     def _make_opaque(self, dir_fd: int, name: bytes) -> None:
-        with _closing(_open_child_dir(dir_fd, name)) as fd:
+        with _closing(_open_child_dir(dir_fd, name)) as fd, times_kept(fd):
             self.upper.make_opaque(fd)
 
 
