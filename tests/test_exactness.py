@@ -198,3 +198,65 @@ def test_mtimes_after_an_operation_on_lower_entries_are_the_kernels(mounts, tmp_
     mounts.umount(ours)
     again = mounts.mount("-o", spec, *extra, store=False, mountpoint=mounts.mountpoint("again"))
     assert _changed(again, paths) == expected
+
+
+# ---- link counts: the names the merged view has ------------------------------------------------
+
+def test_a_file_whose_hardlink_partner_a_later_layer_replaced_has_one_name(mounts, tmp_path, lowers):
+    """umoci's reference rootfs (a fresh unpack of the merged tree) says 1: the layer's own count of 2
+    includes a name the top layer replaced by a symlink. So before and after copy-up and a remount."""
+    point = mount_writable(mounts, tmp_path, lowers)
+    assert os.lstat(point / "hl1").st_nlink == 1
+    assert [entry.stat(follow_symlinks=False).st_nlink for entry in os.scandir(point) if entry.name == "hl1"] == [1]
+    os.chmod(point / "hl1", 0o600)
+    assert os.lstat(point / "hl1").st_nlink == 1
+    mounts.umount(point)
+    again = mount_writable(mounts, tmp_path, lowers, "again")
+    assert os.lstat(again / "hl1").st_nlink == 1
+
+
+def test_link_counts_follow_unlink_copy_up_link_and_remount(mounts, tmp_path, lowers):
+    point = mount_writable(mounts, tmp_path, lowers)
+    names = ["hard/a", "hard/b", "hard/c"]
+    assert [os.lstat(point / name).st_nlink for name in names] == [3, 3, 3]
+    os.unlink(point / "hard/b")                       # a whiteout over a lower name
+    assert [os.lstat(point / name).st_nlink for name in ("hard/a", "hard/c")] == [2, 2]
+    os.chmod(point / "hard/c", 0o600)                 # copy-up links the names still there
+    assert [os.lstat(point / name).st_nlink for name in ("hard/a", "hard/c")] == [2, 2]
+    os.link(point / "hard/a", point / "hard/d")
+    assert os.lstat(point / "hard/d").st_nlink == 3
+    mounts.umount(point)
+    again = mount_writable(mounts, tmp_path, lowers, "again")
+    assert [os.lstat(again / name).st_nlink for name in ("hard/a", "hard/c", "hard/d")] == [3, 3, 3]
+    assert os.lstat(again / "hard/a").st_ino == os.lstat(again / "hard/d").st_ino
+
+
+@pytest.mark.parametrize("opened", ["for reading (the lower file)", "for writing (the upper copy)"])
+def test_fstat_of_an_open_file_counts_the_names_left(mounts, tmp_path, lowers, opened):
+    """An open file whose names go one by one: fstat says how many are left, 0 when none (the
+    kernel had held none of the other names, so the daemon must find them itself)."""
+    point = mount_writable(mounts, tmp_path, lowers)
+    flags = os.O_RDONLY if opened.startswith("for reading") else os.O_RDWR
+    fd = os.open(point / "hard/a", flags)
+    try:
+        seen = [os.fstat(fd).st_nlink]
+        for name in ("hard/a", "hard/b", "hard/c"):
+            os.unlink(point / name)
+            seen.append(os.fstat(fd).st_nlink)
+        assert seen == [3, 2, 1, 0]
+        assert os.pread(fd, 4, 0) == b"hard"
+    finally:
+        os.close(fd)
+
+
+def test_the_other_names_keep_the_inode_number_when_the_copied_up_name_goes(mounts, tmp_path, lowers):
+    """A copy-up links the other names afterwards; the first name's unlink once judged by its link
+    count from before those links (1), retired the host inode and handed the other names a new st_ino."""
+    point = mount_writable(mounts, tmp_path, lowers)
+    ino = os.lstat(point / "hard/a").st_ino
+    os.close(os.open(point / "hard/a", os.O_WRONLY))
+    os.unlink(point / "hard/a")
+    assert [os.lstat(point / name).st_ino for name in ("hard/b", "hard/c")] == [ino, ino]
+    os.rename(point / "dir/file", point / "hard/b")    # replaces one of the two names left
+    assert os.lstat(point / "hard/c").st_ino == ino
+    assert os.lstat(point / "hard/c").st_nlink == 1

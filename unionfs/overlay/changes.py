@@ -117,6 +117,7 @@ class Changes:
 
     def _remove(self, parent: Node, child: Child) -> None:
         """Drop an entry: its upper copy goes, and a whiteout hides any lower one."""
+        self.tree.refresh(child, parent)   # its link count now says whether this is its last name
         with _closing(self.copyup.upper_dir_fd(parent)) as fd:
             if child.in_upper:
                 remove_tree_at(fd, child.name)
@@ -126,6 +127,7 @@ class Changes:
         self._orphan(child)
 
     def _orphan(self, child: Child) -> None:
+        """A name is gone: its node loses it, and a host inode gone with its last name is retired."""
         inodes = self.tree.inodes
         node = inodes.known(child.attr)
         if node is not None:
@@ -163,6 +165,8 @@ class Changes:
     def _move(self, parent: Node, source: Child, new_parent: Node, new_name: bytes, target: Child | None) -> None:
         name = source.name
         self.copyup.copy_up_whole(self.tree.node_of(parent, source))
+        if target is not None:
+            self.tree.refresh(target, new_parent)   # its link count now says whether this is its last name
         upper = self.upper
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:

@@ -16,6 +16,7 @@ from .changes import Changes
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import Layer
+from .links import LinkCounts
 from .merge import DirListing
 from .nodes import Attr, Child, Node
 from .openfiles import OpenFiles
@@ -44,6 +45,7 @@ class MergedView:
         self._copyup = CopyUp(self.tree, upper, self._copied_up)
         self._changes = Changes(self.tree, self._copyup)
         self._attributes = AttributeChanges(self.tree, self._copyup)
+        self._links = LinkCounts(self.tree)
         self._upper_dev = os.fstat(upper.root_fd).st_dev if upper is not None else None
 
     def _copied_up(self, node: Node) -> None:
@@ -92,6 +94,15 @@ class MergedView:
             fd = self.files.any_fd(node)
             return Attr(os.fstat(fd)) if fd is not None else node.attr
         return self.tree.attr(node)
+
+    def link_count(self, node: Node, attr: Attr) -> int:
+        """st_nlink of a non-directory: the names the merged view has for it (0 once none is left)."""
+        if node.unlinked and node.in_upper and self.files.any_fd(node) is None:
+            return 0
+        return self._links.count(attr, node.winner, unlinked=node.unlinked)
+
+    def child_link_count(self, child: Child) -> int:
+        return self._links.count(child.attr, child.sources[0])
 
     def child_ino(self, parent: Node, child: Child) -> int:
         """A listed child's st_ino, its attributes read afresh first if it lives in the upper."""
