@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
+from . import safepath
 from .errors import ImageError, MountError, UsageError
 from .layerform import OCI, OVERLAY, STACK_XATTR
 from .mount import FSTYPE, MountOptions, mount, mount_entries, mount_owner
 from .mountopts import ViewOptions
 from .overlay import Layer, MergedView, UpperLayer, layers_from_store
+from .overlay.cuts import LAYERS_NAME
 from .progress import PullProgress
 from .textsafe import shown
 
@@ -195,19 +198,88 @@ def check_view_options(view: ViewOptions) -> None:
 
 # ---- provenance ---------------------------------------------------------------
 
-def find_mount(path: str) -> tuple[str, str]:
-    """(mountpoint, path inside it) of the layermount mount that holds ``path``."""
-    real = os.path.realpath(os.path.abspath(path)) if os.path.lexists(path) else os.path.abspath(path)
-    candidates = [point for point, kind in mount_entries() if kind == FSTYPE]
-    best = None
-    for point in candidates:
-        if real == point or real.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) > len(best):
-                best = point
-    if best is None:
+@dataclass(frozen=True)
+class MountPath:
+    """A path found in a layermount mount, as the container sees it."""
+
+    mountpoint: str
+    inside: str             # the path in the view, without a leading "/" ("" is its root)
+    cut: int | None = None  # N for a path below /.layers/N: the image after build step N
+
+
+_MAX_SYMLINKS = 40          # as the kernel's path walk
+LAYERS_DIR_NAME = LAYERS_NAME.decode()
+
+
+def find_mount(path: str) -> MountPath:
+    """The layermount mount that holds ``path`` and the path inside it.
+
+    The host's symlinks are followed up to the mountpoint; below it the path
+    is resolved inside the mount's root (or a ``/.layers/N`` cut's), as a
+    container would: ``/usr/bin/awk -> /etc/alternatives/awk`` stays in the image.
+    """
+    points = {point for point, kind in mount_entries() if kind == FSTYPE}
+    pending = [part for part in os.path.join(os.getcwd(), path).split("/") if part]
+    current, hops = "/", 0
+    while pending and current not in points:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            current = current if part == "." else os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise UsageError(f"{path}: too many levels of symbolic links")
+            target = os.readlink(candidate)
+            pending[:0] = [piece for piece in target.split("/") if piece]
+            current = "/" if target.startswith("/") else current
+            continue
+        current = candidate
+    if current not in points:
         raise UsageError(f"{path}: not inside a layermount mount")
-    inside = os.path.relpath(real, best)
-    return best, "" if inside == "." else inside
+    return _inside_mount(path, current, "/".join(pending))
+
+
+def _inside_mount(path: str, mountpoint: str, rest: str) -> MountPath:
+    root = mountpoint
+    cut = None
+    first, _, below = rest.partition("/")
+    if first == LAYERS_DIR_NAME and below:
+        step, _, rest = below.partition("/")
+        root = _resolved_in(path, mountpoint, mountpoint, f"{LAYERS_DIR_NAME}/{step}")
+        number = os.path.relpath(root, os.path.join(mountpoint, LAYERS_DIR_NAME))
+        if not number.isdigit():
+            raise UsageError(f"{path}: {LAYERS_DIR_NAME}/{step} is no cut of the image")
+        cut = int(number)
+    inside = os.path.relpath(_resolved_in(path, mountpoint, root, rest), root)
+    return MountPath(mountpoint, "" if inside == "." else inside, cut)
+
+
+def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
+    """The host path ``rest`` reaches below ``root``, resolved as if ``root`` were ``/``; a last
+    component that leads nowhere (a dangling symlink, a missing name) is kept as it is."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd, last = safepath.open_in_root(root_fd, os.fsencode(rest), os.O_PATH), ""
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP) or not rest:
+                raise UsageError(f"{path}: {exc.strerror}") from None
+            parent, _, last = rest.rpartition("/")
+            try:
+                fd = safepath.open_in_root(root_fd, os.fsencode(parent), os.O_PATH | os.O_DIRECTORY)
+            except OSError as parent_exc:
+                raise UsageError(f"{path}: {parent_exc.strerror}") from None
+        try:
+            reached = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root_fd)
+    if reached != mountpoint and not reached.startswith(mountpoint.rstrip("/") + "/"):
+        raise UsageError(f"{path}: not inside a layermount mount")
+    return os.path.join(reached, last) if last else reached
 
 
 def mount_stack(mountpoint: str) -> list[dict]:
