@@ -260,3 +260,36 @@ def test_the_other_names_keep_the_inode_number_when_the_copied_up_name_goes(moun
     os.rename(point / "dir/file", point / "hard/b")    # replaces one of the two names left
     assert os.lstat(point / "hard/c").st_ino == ino
     assert os.lstat(point / "hard/c").st_nlink == 1
+
+
+# ---- numbers the kernel compares: d_ino, st_dev, blocks, xattrs ----------------------------------
+
+def test_readdir_d_ino_is_st_ino_and_the_mount_has_one_st_dev(mounts, tmp_path, lowers):
+    point = mount_writable(mounts, tmp_path, lowers)
+    os.chmod(point / "hard/a", 0o600)                 # copied up with its hardlinks
+    os.rename(point / "dir/file", point / "dir/renamed")
+    (point / "dir/new").write_bytes(b"new")
+    devices = {os.lstat(point).st_dev}
+    for directory in ("", "dir", "hard", ".layers/1", ".layers/2/t"):
+        with os.scandir(point / directory) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                assert entry.inode() == st.st_ino, f"{directory}/{entry.name}"
+                devices.add(st.st_dev)
+    assert len(devices) == 1
+
+
+def test_sparse_lower_files_report_their_blocks_and_xattrs_survive_copy_up(mounts, tmp_path):
+    bottom = tmp_path / "bottom"
+    bottom.mkdir()
+    with open(bottom / "sparse", "wb") as handle:
+        handle.truncate(64 << 20)
+        handle.write(b"head")
+    os.setxattr(bottom / "sparse", "user.note", b"kept")
+    layer_blocks = os.stat(bottom / "sparse").st_blocks
+    (tmp_path / "top").mkdir()
+    point = mount_writable(mounts, tmp_path, [tmp_path / "top", bottom])
+    assert os.stat(point / "sparse").st_blocks == layer_blocks
+    os.chmod(point / "sparse", 0o600)
+    assert os.getxattr(point / "sparse", "user.note") == b"kept"
+    assert os.getxattr(tmp_path / "upper/sparse", "user.note") == b"kept"
