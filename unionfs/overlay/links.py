@@ -21,6 +21,13 @@ class LinkCounts:
     def __init__(self, tree: Tree):
         self.tree = tree
         self._names_by_layer: dict[int, dict[int, list[bytes]]] = {}
+        # Counts found since the last change of names: a directory of 10,000 names of one file
+        # is then one count, not 10,000 for each entry listed.
+        self._counted: dict[tuple[int, int], int] = {}
+
+    def names_changed(self) -> None:
+        """A name came, went or moved (or a file was copied up): the counts are found afresh."""
+        self._counted.clear()
 
     def count(self, attr: Attr, layer_index: int, *, unlinked: bool = False) -> int:
         """The merged names of a file whose copy in ``layer_index`` is described by ``attr``."""
@@ -28,8 +35,12 @@ class LinkCounts:
             return attr.nlink
         if attr.nlink <= 1:
             return 0 if unlinked else attr.nlink
-        names = self._names(layer_index).get(attr.host_ino, ())
-        return sum(self._leads_to(relpath, attr, layer_index) for relpath in names)
+        key = (layer_index, attr.host_ino)
+        count = self._counted.get(key)
+        if count is None:
+            names = self._names(layer_index).get(attr.host_ino, ())
+            count = self._counted[key] = sum(self._leads_to(relpath, attr, layer_index) for relpath in names)
+        return count
 
     def _leads_to(self, relpath: bytes, attr: Attr, layer_index: int) -> bool:
         _, child = self.tree.resolve(relpath)

@@ -217,7 +217,9 @@ def times_kept(dir_fd: int):
     try:
         yield
     finally:
-        os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        # Only an owner may set times: a directory an unprivileged daemon does not own keeps the new ones.
+        with contextlib.suppress(PermissionError):
+            os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def remove_tree_at(dir_fd: int, name: bytes | str) -> None:

@@ -144,9 +144,11 @@ class MergedView:
     # ---- changes ----------------------------------------------------------------------------
     async def copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Bring a file into the upper before it is written, the data of a large one in a worker thread."""
+        self._links.names_changed()
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
+        self._links.names_changed()
         return self._changes.create(parent, name, mode, flags, uid, gid)
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -159,9 +161,11 @@ class MergedView:
         return self._changes.symlink(parent, name, target, uid, gid)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
+        self._links.names_changed()
         return self._changes.link(node, new_parent, new_name)
 
     def unlink(self, parent: Node, name: bytes) -> None:
+        self._links.names_changed()
         self._changes.unlink(parent, name)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
@@ -169,9 +173,11 @@ class MergedView:
 
     def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
         """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+        self._links.names_changed()
         self._changes.rename(parent, name, new_parent, new_name, flags)
 
     def set_attributes(self, node: Node, change: AttrChange, open_fd: int | None = None) -> None:
+        self._links.names_changed()     # a copy-up moves the file's names into the upper
         self._attributes.set(node, change, open_fd)
 
     @staticmethod
@@ -179,9 +185,11 @@ class MergedView:
         change_open_file(fd, change)
 
     def set_xattr(self, node: Node, name: bytes, value: bytes) -> None:
+        self._links.names_changed()
         self._attributes.set_xattr(node, name, value)
 
     def remove_xattr(self, node: Node, name: bytes) -> None:
+        self._links.names_changed()
         self._attributes.remove_xattr(node, name)
 
     # ---- for diff and provenance ------------------------------------------------------
