@@ -89,13 +89,31 @@ def test_which_and_explain_understand_the_layers_cuts(mounts, tmp_path):
     assert gone.returncode == 1 and "not visible" in gone.stdout
 
 
-def test_which_of_a_symlink_loop_is_one_line_not_a_traceback(mounts, tmp_path):
+def test_which_through_a_symlink_loop_tells_the_path_or_one_line_never_a_traceback(mounts, tmp_path):
     from unionfs.image.writer import Symlink
 
     image = tmp_path / "loop.tar"
     write_image(image, [layer_tar([Symlink("a", target="/b"), Symlink("b", target="/a"), File("f", b"f")])],
                 new_config(["loop"]), repo_tag="loop:latest")
     point = mounts.mount(image, "-q", "--read-only")
-    result = run_layermount("which", point / "a/f")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "symbolic links" in result.stderr
+    result = run_layermount("which", point / "a/f")     # ELOOP inside: the story of the path as written
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and result.stdout.startswith("/a/f  (mount "), result.stdout + result.stderr
+    assert "not visible" in result.stdout
+
+    (tmp_path / "host-loop").symlink_to(tmp_path / "host-loop")      # a loop on the host, before the mount
+    host = run_layermount("which", tmp_path / "host-loop/x")
+    assert host.returncode == 2 and "Traceback" not in host.stderr
+    assert len(host.stderr.strip().splitlines()) == 1 and "symbolic links" in host.stderr
+
+
+def test_which_tells_what_hid_a_path_whose_directory_is_gone(mounts, tmp_path):
+    """A directory a later layer deleted: the path cannot be resolved in the mount, yet ``which``
+    still tells the story (the part that resolves, the rest as written)."""
+    layers = [[Dir("etc"), Dir("etc/old"), File("etc/old/conf", b"c")], [Whiteout("etc/old")]]
+    image = tmp_path / "image.tar"
+    write_image(image, [layer_tar(spec) for spec in layers], new_config(["base", "rm"]), repo_tag="gone:latest")
+    point = mounts.mount(image, "-q", "--read-only")
+    which = run_layermount("which", point / "etc/old/conf")
+    assert which.returncode == 1, which.stdout + which.stderr
+    assert which.stdout.startswith("/etc/old/conf  (mount ") and "whiteout etc/.wh.old" in which.stdout

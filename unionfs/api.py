@@ -257,29 +257,29 @@ def _inside_mount(path: str, mountpoint: str, rest: str) -> MountPath:
 
 
 def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
-    """The host path ``rest`` reaches below ``root``, resolved as if ``root`` were ``/``; a last
-    component that leads nowhere (a dangling symlink, a missing name) is kept as it is."""
+    """The host path ``rest`` reaches below ``root``, resolved as if ``root`` were ``/``. Where it
+    leads nowhere (a missing name, a dangling symlink, one into /proc) the longest part that
+    resolves is taken and the rest kept as written, so ``which`` can tell what hid it."""
+    parts = [part for part in rest.split("/") if part]
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        try:
-            fd, last = safepath.open_in_root(root_fd, os.fsencode(rest), os.O_PATH), ""
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ELOOP) or not rest:
-                raise UsageError(f"{path}: {exc.strerror}") from None
-            parent, _, last = rest.rpartition("/")
+        for cut in range(len(parts), -1, -1):
             try:
-                fd = safepath.open_in_root(root_fd, os.fsencode(parent), os.O_PATH | os.O_DIRECTORY)
-            except OSError as parent_exc:
-                raise UsageError(f"{path}: {parent_exc.strerror}") from None
-        try:
-            reached = os.readlink(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+                fd = safepath.open_in_root(root_fd, os.fsencode("/".join(parts[:cut])), os.O_PATH)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES) or cut == 0:
+                    raise UsageError(f"{path}: {exc.strerror}") from None
+                continue
+            try:
+                reached = os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            break
     finally:
         os.close(root_fd)
     if reached != mountpoint and not reached.startswith(mountpoint.rstrip("/") + "/"):
         raise UsageError(f"{path}: not inside a layermount mount")
-    return os.path.join(reached, last) if last else reached
+    return os.path.join(reached, *parts[cut:])
 
 
 def mount_stack(mountpoint: str) -> list[dict]:

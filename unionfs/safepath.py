@@ -125,6 +125,7 @@ def fd_path(fd: int, name: bytes = b"") -> bytes:
 
 
 _RESOLVE_IN_ROOT = 0x10
+_IN_ROOT_RETRIES = 1000
 
 
 def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
@@ -134,7 +135,11 @@ def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
     reaching the host; magic links (/proc/*/fd) are refused. Needs openat2 (Linux 5.6).
     """
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_SYS_OPENAT2, root_fd, relpath or b".", ctypes.byref(how), ctypes.sizeof(how))
+    for _ in range(_IN_ROOT_RETRIES):
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, relpath or b".", ctypes.byref(how), ctypes.sizeof(how))
+        # EAGAIN: a rename anywhere on the host while ".." was walked; the kernel asks for a retry.
+        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:
