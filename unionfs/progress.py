@@ -42,7 +42,7 @@ class PullProgress:
                 self.stream.flush()
 
     def _format(self, short: str, status: str, done: int, total: int | None, bar: bool = True) -> str:
-        if status != "Extracting":
+        if status not in ("Extracting", "Downloading"):
             return f"{short}: {status}"
         if not bar:
             return f"{short}: {status} {human_size(total)}" if total else f"{short}: {status}"

@@ -280,6 +280,8 @@ class LayerStore:
             if diff_id is not None and (existing := self.layer(diff_id)) is not None:
                 progress(short, "Already exists", existing.size, existing.size)
                 return existing
+            if ref.remote:
+                progress(short, "Pulling fs layer", 0, ref.size)
             work = Path(tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir))
             try:
                 meta = self._extract_verified(ref, work, label, short, diff_id, progress)
@@ -305,14 +307,17 @@ class LayerStore:
             blob = ref.open()
         except OSError as exc:
             raise ImageError(f"{label}: cannot read blob: {exc.strerror or exc}") from None
+        # A registry layer is downloaded and extracted in the same pass: its progress speaks of downloading.
+        reading = "Downloading" if ref.remote else "Extracting"
         with blob:
-            compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, "Extracting", done, ref.size))
-            uncompressed = HashingReader(open_decompressed(compressed))
+            compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, reading, done, ref.size))
             try:
+                uncompressed = HashingReader(open_decompressed(compressed))
                 stats = extract_layer(uncompressed, diff_dir)
                 uncompressed.drain()
                 compressed.drain()
             except ImageError as exc:
+                _blame_wrong_blob(ref, compressed, label)
                 prefixed = type(exc)(f"{label}: {exc}")
                 prefixed.__dict__.update(exc.__dict__)   # keeps .member of an UnsafeArchive
                 raise prefixed from None
@@ -320,6 +325,8 @@ class LayerStore:
                 raise StoreError(f"{label}: cannot write to store {self.root}: {exc.strerror or exc}") from None
         digest, diff_id = compressed.digest, uncompressed.digest
         progress(short, "Verifying Checksum", compressed.bytes_read, ref.size)
+        if ref.remote:
+            progress(short, "Download complete", compressed.bytes_read, ref.size)
         if ref.digest is not None and digest != ref.digest:
             raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, content is {digest}")
         if expected_diff_id is not None and diff_id != expected_diff_id:
@@ -358,9 +365,10 @@ class LayerStore:
     def _record_image(self, image: Image, layers: list[StoredLayer]) -> None:
         record = {
             "id": image.id,
-            "source": os.path.abspath(image.source),
+            "source": image.source if image.format == "registry" else os.path.abspath(image.source),
             "format": image.format,
             "repo_tags": image.repo_tags,
+            "repo_digests": image.repo_digests,
             "platform": image.platform,
             "layers": [layer.diff_id for layer in layers],
             "config": image.config,
@@ -428,6 +436,20 @@ def _image_matches(record: dict, name: str) -> bool:
     return (name in record.get("repo_tags", []) or name == record.get("source")
             or os.path.abspath(name) == record.get("source")
             or (len(name) >= 6 and (ident.startswith(name) or ident[len(SHA256):].startswith(name))))
+
+
+def _blame_wrong_blob(ref: LayerRef, compressed: "_ProgressReader", label: str) -> None:
+    """A blob that does not unpack is first checked against its digest: "not the blob the image
+    names" is the truer error than the damage it causes (a corrupt download, a swapped blob)."""
+    if ref.digest is None:
+        return
+    try:
+        compressed.drain()
+    except (LayermountError, OSError):
+        return       # the rest cannot be read: the original error stands
+    if compressed.digest != ref.digest:
+        raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, "
+                             f"content is {compressed.digest}")
 
 
 class _ProgressReader:
