@@ -206,14 +206,11 @@ class Registry:
         url = self._url(path)
         for attempt in range(2):
             response = self._send(method, url, dict(headers or {}), self._authorization(), content)
-            if response.status_code == 401 and attempt == 0 and replayable and \
-                    (self._challenge is None or self._challenge.scheme == "bearer" or self._creds):
-                had_auth = self._challenge is not None
-                self._learn_challenge(response)
+            basic_refused = self._challenge is not None and self._challenge.scheme == "basic"
+            if response.status_code == 401 and attempt == 0 and replayable and not basic_refused:
+                self._learn_challenge(response)     # a first challenge, or a token wanting more scope
                 response.close()
                 self._tokens.clear()
-                if had_auth and self._challenge.scheme == "basic":
-                    break      # credentials were sent and refused: asking again changes nothing
                 continue
             break
         if response.status_code not in expect:
@@ -400,7 +397,7 @@ class BlobStream(io.RawIOBase):
         except NetworkError as exc:
             self._retry(str(exc).rsplit(": ", 1)[-1])
             return
-        chunks = response.iter_raw(STREAM_CHUNK)
+        chunks = response.iter_raw()     # as the bytes arrive: a cut loses nothing already received
         if self._offset and response.status_code == 206:
             if not _range_starts_at(response.headers.get("content-range", ""), self._offset, self._size):
                 response.close()
