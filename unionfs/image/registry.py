@@ -379,8 +379,7 @@ class BlobStream(io.RawIOBase):
             self._retry(_describe(exc))
             return
         if self._offset + len(chunk) > self._size:
-            raise ImageError(f"{self._label}: the registry sends more than the {self._size} bytes "
-                             "its descriptor gives")
+            raise ImageError(f"the registry sends more than the {self._size} bytes its descriptor gives")
         if chunk:
             self._failures = 0
         self._offset += len(chunk)
@@ -401,8 +400,8 @@ class BlobStream(io.RawIOBase):
         if self._offset and response.status_code == 206:
             if not _range_starts_at(response.headers.get("content-range", ""), self._offset, self._size):
                 response.close()
-                raise ImageError(f"{self._label}: the registry answered a resumed download with the wrong "
-                                 f"range ({shown(response.headers.get('content-range', ''))[:60]})")
+                raise ImageError("the registry answered a resumed download with the wrong range "
+                                 f"({shown(response.headers.get('content-range', ''))[:60]})")
         elif self._offset:
             chunks = _skip(chunks, self._offset)    # no Range support: fetch again, drop what we have
         self._response, self._chunks = response, chunks
@@ -499,7 +498,7 @@ def _image(registry: Registry, manifest: dict, platform: Platform | None, repo_d
         layers.append(LayerRef(name=digest, open=_opener(registry, digest, size), digest=digest, diff_id=diff_id,
                                size=size, media_type=media_type, remote=True))
     ref = registry.ref
-    return Image(source=f"docker://{ref}", layers=layers, config=config, config_digest=config_descriptor["digest"],
+    return Image(source=str(ref), layers=layers, config=config, config_digest=config_descriptor["digest"],
                  repo_tags=[f"{ref.name}:{ref.tag}"] if ref.tag else [],
                  repo_digests=[f"{ref.name}@{repo_digest}"], format="registry", config_blob=config_blob,
                  origin=ref.name)
