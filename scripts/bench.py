@@ -4,6 +4,7 @@
   scripts/bench.py mount [--quick] [--json FILE]   mount, tree walks, reads, stats at 2/64/128 layers
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
   scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
+  scripts/bench.py pull [--quick] [--json FILE]    layermount pull vs skopeo copy to a layout + unpack of it
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
 The layers are generated into a temp dir (--dir picks where) that is removed at
@@ -25,6 +26,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import statistics
 import subprocess
@@ -728,6 +730,81 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
     return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
 
 
+def bench_pull(session: Session, reps: int, layermount_binary: str) -> list[tuple[str, float, float]]:
+    """Pull + unpack from a local docker-registry: layermount's one pass (3 layers at once) against
+    what a user does today, skopeo copy docker://... oci:DIR and then the unpack of that layout."""
+    sys.path.insert(0, str(REPO))
+    from unionfs.image.writer import new_config, write_image
+
+    registry_binary, skopeo = shutil.which("docker-registry"), shutil.which("skopeo")
+    if not registry_binary or not skopeo:
+        raise BenchError("needs docker-registry and skopeo (scripts/setup installs them)")
+    progress("making a 4-layer gzip image (4 x 3,000 files, plus a 24 MiB file per layer)")
+    rng = random.Random(11)
+    layer_paths = []
+    for index in range(4):
+        tree = session.root / f"pull-src{index}"
+        for number in range(3000):
+            directory = tree / f"layer{index}" / f"d{number // 100}"
+            directory.mkdir(parents=True, exist_ok=True)
+            size = rng.choice(SMALL_FILE_SIZES)
+            write_bytes(directory / f"f{number}", (b"%d-" % number) * (size // 6 + 1))
+        write_bytes(tree / f"layer{index}" / "big", rng.randbytes(12 * MiB) * 2)
+        tar_path = session.root / f"pull-layer{index}.tar"
+        run(["tar", "-cf", tar_path, "-C", tree, "."])
+        shutil.rmtree(tree)
+        layer_paths.append(tar_path)
+    image = session.root / "pull-image.tar"
+    write_image(image, [str(path) for path in layer_paths], new_config([f"layer {i}" for i in range(4)]),
+                compression="gzip")
+    for path in layer_paths:
+        path.unlink()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = session.root / "registry.yml"
+    config.write_text(json.dumps({"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+                                  "storage": {"filesystem": {"rootdirectory": str(session.root / "registry")}},
+                                  "http": {"addr": host}}))
+    registry = subprocess.Popen([registry_binary, "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(host.split(":"), timeout=1):
+                break
+            time.sleep(0.05)
+        ref = f"docker://{host}/bench/image:v1"
+        progress(f"pushing it into docker-registry on {host} with skopeo")
+        run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"docker-archive:{image}", ref])
+
+        def with_skopeo() -> None:
+            layout = session.root / "layout"
+            run([skopeo, "copy", "-q", "--src-tls-verify=false", ref, f"oci:{layout}:v1"])
+            run([layermount_binary, "unpack", f"oci:{layout}:v1", "--store", session.root / "store-skopeo", "-q"])
+
+        def with_layermount() -> None:
+            run([layermount_binary, "pull", ref, "--store", session.root / "store-pull", "-q"])
+
+        rows = []
+        for name, operation, outputs in (
+                ("skopeo copy to oci: + layermount unpack", with_skopeo, ("layout", "store-skopeo")),
+                ("layermount pull (streamed, verified)", with_layermount, ("store-pull",))):
+            samples = []
+            for _ in range(reps):
+                run(["sync"])
+                drop_caches()
+                seconds, _ = timed(operation)
+                samples.append(seconds)
+                for output in outputs:
+                    shutil.rmtree(session.root / output)
+            rows.append((name, statistics.median(samples), 0.0))
+    finally:
+        registry.terminate()
+        registry.wait(timeout=30)
+    baseline = rows[0][1]
+    return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
+
+
 BENCHMARKS = {
     "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
@@ -740,21 +817,26 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
         return 1
     session = Session(args.dir)
     try:
-        rows = bench_unpack(session, reps, layermount.binary)
+        rows = (bench_pull if args.mode == "pull" else bench_unpack)(session, reps, layermount.binary)
+    except BenchError as exc:
+        print(f"bench.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         session.close()
-    print(f"\nunpack: 4-layer gzip image (median of {reps}, caches dropped before each run)")
+    what = "from a local docker-registry " if args.mode == "pull" else ""
+    print(f"\n{args.mode}: 4-layer gzip image {what}(median of {reps}, caches dropped before each run)")
     for name, seconds, ratio in rows:
-        print(f"  {name:<36} {seconds:8.2f} s   {ratio:5.2f}x")
+        print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": "unpack", "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"mode": args.mode, "rows": rows}, indent=2) + "\n")
     return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="mode", required=True)
-    modes = dict(BENCHMARKS, unpack=(None, "layermount unpack vs sequential GNU tar -xzf of the same layers"))
+    modes = dict(BENCHMARKS, unpack=(None, "layermount unpack vs sequential GNU tar -xzf of the same layers"),
+                 pull=(None, "layermount pull vs skopeo copy to an OCI layout + unpack of it"))
     for mode, (_, help_text) in modes.items():
         command = commands.add_parser(mode, help=help_text)
         command.add_argument("--quick", action="store_true", help="one run per measurement instead of 3")
@@ -775,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
     reps = 1 if args.quick else 3
-    if args.mode == "unpack":
+    if args.mode in ("unpack", "pull"):
         return main_unpack(args, mounters[-1], reps)
     benchmark, description = BENCHMARKS[args.mode]
     signal.signal(signal.SIGTERM, raise_interrupt)
