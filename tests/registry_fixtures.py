@@ -218,8 +218,10 @@ class CuttingProxy:
     """A TCP proxy to ``target``; the first connection that asks for ``cut_blob`` is closed once it has
     forwarded ``cut_after`` bytes of answer. Counts every byte it forwards to the client."""
 
-    def __init__(self, target_port: int, cut_blob: str | None = None, cut_after: int = 0):
+    def __init__(self, target_port: int, cut_blob: str | None = None, cut_after: int = 0,
+                 refuse_after_cut: bool = False):
         self.target_port = target_port
+        self.refuse_after_cut = refuse_after_cut
         self.cut_blob = cut_blob.encode() if cut_blob else None
         self.cut_after = cut_after
         self.cuts = 0
@@ -238,6 +240,9 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refuse_after_cut and self.cuts:
+                client.close()        # the network is gone for good
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, upstream]
             state = {"armed_at": None}

@@ -9,12 +9,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import images
-from conftest import run_layermount
+from conftest import LAYERMOUNT, run_layermount
 from oracle import diff_snapshots, snapshot
 from registry_fixtures import (NEEDS, REGISTRY_BINARY, SKOPEO, CuttingProxy, TokenHandler, TokenIssuer,
                                running_registry, serving)
@@ -157,6 +158,38 @@ def test_a_connection_cut_mid_blob_resumes_with_range(registry, tmp_path, store_
     assert proxy.bytes_to_client - baseline.bytes_to_client <= 64 << 10, (proxy.bytes_to_client, baseline.bytes_to_client)
     assert baseline.bytes_to_client < blob_size + (64 << 10)
     point = mounts.mount(ref_path, "--read-only", "-q")
+    assert (point / "data/blob").read_bytes() == payload
+
+
+def test_a_killed_pull_resumes_from_the_bytes_it_had(registry, tmp_path, store_dir, mounts):
+    """The connection breaks, the network stays down, the pull is killed; the next pull asks only for the rest."""
+    payload = os.urandom(6 << 20)
+    ref = registry.push(build(tmp_path / "big.tar", [[Dir("data"), File("data/blob", payload)]]), "big/two:v1")
+    [digest] = layer_digests(registry, "big/two:v1")
+    blob_size = registry.blob_file(digest).stat().st_size
+    partial = store_dir / "partial" / digest.split(":", 1)[1]
+    proxy = CuttingProxy(registry.port, cut_blob=digest, cut_after=3 << 20, refuse_after_cut=True)
+    process = subprocess.Popen([*LAYERMOUNT, "pull", ref.replace(registry.host, proxy.host), "--store", store_dir,
+                                "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (proxy.cuts and partial.exists() and partial.stat().st_size > 2 << 20):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+        proxy.close()
+    received = partial.stat().st_size
+    assert 2 << 20 < received < blob_size
+    result = pull(ref, store_dir)
+    assert result.returncode == 0, result.stderr
+    [resumed] = registry.blob_gets(digest)[-1:]
+    assert '" 206 ' in resumed, registry.blob_gets(digest)
+    assert int(resumed.split('" 206 ')[1].split()[0]) == blob_size - received
+    assert not partial.exists()
+    point = mounts.mount(ref, "--read-only", "-q")
     assert (point / "data/blob").read_bytes() == payload
 
 

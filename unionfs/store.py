@@ -7,6 +7,7 @@ Layout under the store root::
     images/<hex>.json          an image that was unpacked: its layers and config
     blobs/<hex>                blob digest -> diff_id, for sources that do not record diff_ids
     tmp/<key>.<random>/        unpacks in progress (a killed unpack leaves only these)
+    partial/<hex>              the first bytes of a registry blob whose download broke off, to resume from
     locks/<key>.lock           flock: exclusive while unpacking or collecting, shared while mounted
 
 ``<hex>`` is the sha256 of the uncompressed layer tar (the diff_id), so a layer
@@ -95,13 +96,15 @@ class LayerStore:
         self.images_dir = self.root / "images"
         self.blobs_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
+        self.partial_dir = self.root / "partial"
         self.locks_dir = self.root / "locks"
 
     # ---- set-up -----------------------------------------------------------
     def ensure(self) -> "LayerStore":
         """Create the layout and clear what killed unpacks left behind."""
         try:
-            for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir):
+            for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir,
+                              self.partial_dir):
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {self.root}: cannot create it: {exc.strerror}") from None
@@ -304,7 +307,7 @@ class LayerStore:
         diff_dir = work / "diff"
         diff_dir.mkdir()
         try:
-            blob = ref.open()
+            blob = ref.open(partial_dir=self.partial_dir) if ref.remote else ref.open()
         except OSError as exc:
             raise ImageError(f"{label}: cannot read blob: {exc.strerror or exc}") from None
         # A registry layer is downloaded and extracted in the same pass: its progress speaks of downloading.
@@ -414,6 +417,8 @@ class LayerStore:
                     continue
                 self._remove_layer(layer)
                 removed.append(layer)
+        for partial in self.partial_dir.iterdir():     # broken-off downloads: only worth a resume, not space
+            partial.unlink(missing_ok=True)
         return removed, busy
 
 

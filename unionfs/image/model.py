@@ -27,7 +27,9 @@ class LayerRef:
     diff_id: str | None = None      # "sha256:<hex>" of the uncompressed tar
     size: int | None = None         # blob size in bytes, when known
     media_type: str = ""
-    remote: bool = False            # streamed from a registry: progress speaks of downloading
+    # Streamed from a registry: progress speaks of downloading, and ``open`` takes
+    # ``partial_dir``, where the bytes received are kept for a later pull to resume from.
+    remote: bool = False
 
 
 @dataclass

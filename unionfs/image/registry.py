@@ -10,10 +10,13 @@ Authorization header to another origin.
 A layer stream survives dropped connections: it asks for the rest with
 ``Range: bytes=N-`` and appends only a 206 whose Content-Range starts at N,
 so an interrupted download costs what was left, not the whole blob again.
+What it received is also appended to a partial file in the store, so a pull
+that was killed or gave up resumes there the next time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from contextlib import closing
@@ -281,8 +284,8 @@ class Registry:
                                  f"content is {sha256_digest(body)}")
         return body
 
-    def open_blob(self, digest: str, size: int) -> "BlobStream":
-        return BlobStream(self, digest, size)
+    def open_blob(self, digest: str, size: int, partial_dir: str | os.PathLike | None = None) -> "BlobStream":
+        return BlobStream(self, digest, size, partial_dir)
 
     # ---- writing -----------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
@@ -328,7 +331,7 @@ class Registry:
 class BlobStream(io.RawIOBase):
     """A layer blob as a forward-only stream that resumes with Range after a dropped connection."""
 
-    def __init__(self, registry: Registry, digest: str, size: int):
+    def __init__(self, registry: Registry, digest: str, size: int, partial_dir: str | os.PathLike | None = None):
         super().__init__()
         self._registry = registry
         self._digest = digest
@@ -340,6 +343,19 @@ class BlobStream(io.RawIOBase):
         self._pending = b""
         self._failures = 0
         self._attempts = 0
+        self._replay = self._partial = None
+        self._keep_partial = False
+        if partial_dir is not None:
+            self._open_partial(os.path.join(partial_dir, digest.split(":", 1)[1]))
+
+    def _open_partial(self, path: str) -> None:
+        """Replay what an earlier pull received (the caller holds the layer's lock), then append to it."""
+        self._partial_path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size > self._size:
+            os.ftruncate(fd, 0)
+        self._partial = os.fdopen(fd, "ab", buffering=0)
+        self._replay = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0)
 
     def readable(self) -> bool:
         return True
@@ -350,6 +366,14 @@ class BlobStream(io.RawIOBase):
             while part := self.read(STREAM_CHUNK):
                 parts.append(part)
             return b"".join(parts)
+        if self._replay is not None:
+            data = self._replay.read(min(size, STREAM_CHUNK, self._size - self._offset))
+            if data:
+                self._offset += len(data)
+                self._finish_if_complete()
+                return data
+            self._replay.close()
+            self._replay = None
         while not self._pending:
             if self._offset >= self._size:
                 return b""
@@ -382,8 +406,24 @@ class BlobStream(io.RawIOBase):
             raise ImageError(f"the registry sends more than the {self._size} bytes its descriptor gives")
         if chunk:
             self._failures = 0
+            if self._partial is not None:
+                self._partial.write(chunk)
         self._offset += len(chunk)
         self._pending = chunk
+        self._finish_if_complete()
+
+    def _finish_if_complete(self) -> None:
+        """All of it arrived: the store verifies it now, and a partial file has nothing left to resume."""
+        if self._offset >= self._size and self._partial is not None:
+            self._discard_partial()
+
+    def _discard_partial(self) -> None:
+        for stream in (self._replay, self._partial):
+            if stream is not None:
+                stream.close()
+        self._replay = self._partial = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._partial_path)
 
     def _connect(self) -> None:
         self._attempts += 1
@@ -410,6 +450,7 @@ class BlobStream(io.RawIOBase):
         self._drop()
         self._failures += 1
         if self._failures > RETRIES or self._attempts >= MAX_RECONNECTS:
+            self._keep_partial = True      # the bytes were fine, the network was not: resume from them later
             raise NetworkError(f"{self._label}: download failed after {self._attempts} attempts "
                                f"at byte {self._offset} of {self._size}: {reason}")
         time.sleep(BACKOFF * 2 ** (self._failures - 1))
@@ -420,7 +461,16 @@ class BlobStream(io.RawIOBase):
         self._response = self._chunks = None
 
     def close(self) -> None:
+        """A stream abandoned for any reason but the network (bad content, an unpack that failed)
+        leaves no partial file to resume from."""
         self._drop()
+        if self._partial is not None:
+            if self._keep_partial:
+                self._partial.close()
+                if self._replay is not None:
+                    self._replay.close()
+            else:
+                self._discard_partial()
         super().close()
 
 
@@ -504,8 +554,8 @@ def _image(registry: Registry, manifest: dict, platform: Platform | None, repo_d
                  origin=ref.name)
 
 
-def _opener(registry: Registry, digest: str, size: int) -> Callable[[], BinaryIO]:
-    return lambda: registry.open_blob(digest, size)
+def _opener(registry: Registry, digest: str, size: int) -> Callable[..., BinaryIO]:
+    return lambda partial_dir=None: registry.open_blob(digest, size, partial_dir)
 
 
 def _json_object(label: str, body: bytes, what: str) -> dict:
