@@ -19,7 +19,8 @@ from conftest import LAYERMOUNT, run_layermount
 from oracle import diff_snapshots, snapshot
 from registry_fixtures import (NEEDS, REGISTRY_BINARY, SKOPEO, CuttingProxy, TokenHandler, TokenIssuer,
                                running_registry, serving)
-from unionfs.image.writer import Dir, File, Symlink, layer_tar, new_config, write_image
+from unionfs.image.oci_layout import DOCKER_MANIFEST_LIST, OCI_INDEX, Platform
+from unionfs.image.writer import Dir, File, ImageSpec, Symlink, layer_tar, new_config, write_image, write_index
 from unionfs.mount import is_mounted
 from unionfs.store import LayerStore
 
@@ -32,10 +33,10 @@ APP_LAYER = [Dir("app"), File("app/main", b"main v1\n"), File("etc/app.conf", b"
 OTHER_LAYER = [Dir("srv"), File("srv/other", b"another image\n")]
 
 
-def build(path: Path, layers: list, tag: str = "fixture:latest") -> Path:
+def build(path: Path, layers: list, tag: str = "fixture:latest", compression: str = "gzip") -> Path:
     config = new_config([f"step {index}" for index in range(len(layers))])
     config["config"] = {"Cmd": ["/bin/tool"], "Env": ["PATH=/bin"]}
-    write_image(path, [layer_tar(layer) for layer in layers], config, repo_tag=tag, compression="gzip")
+    write_image(path, [layer_tar(layer) for layer in layers], config, repo_tag=tag, compression=compression)
     return path
 
 
@@ -106,7 +107,7 @@ def test_pull_speaks_docker_and_the_store_remembers_the_ref(registry, tmp_path, 
         [SKOPEO, "inspect", "--raw", "--tls-verify=false", ref], capture_output=True, check=True).stdout).hexdigest()
     assert f"Digest: {digest}" in lines
     assert f"Status: Downloaded newer image for {registry.host}/team/app:1.0" in lines
-    again = pull(ref, store_dir)
+    again = pull(ref.removeprefix("docker://"), store_dir)       # a bare name: no such file, so a registry
     assert again.stdout.count("Already exists") == 2 and "Status: Image is up to date" in again.stdout
     [record] = LayerStore(store_dir).images()
     assert record["repo_tags"] == [f"{registry.host}/team/app:1.0"]
@@ -118,6 +119,29 @@ def test_pull_speaks_docker_and_the_store_remembers_the_ref(registry, tmp_path, 
     history = run_layermount("history", ref, "--store", store_dir)
     assert history.stdout.splitlines()[0] == f"Image: {registry.host}/team/app:1.0, {registry.host}/team/app@{digest}"
     assert history.stdout.count(" yes ") == 2
+
+
+@pytest.mark.parametrize("media_types", ["oci", "docker"])
+def test_platform_is_chosen_from_an_index_or_manifest_list(registry, tmp_path, store_dir, media_types):
+    layout = tmp_path / "layout"
+    specs = []
+    for architecture in ("amd64", "arm64"):
+        config = new_config([f"for {architecture}"], platform=Platform("linux", architecture))
+        specs.append(ImageSpec([layer_tar([File("arch", architecture.encode())])], config))
+    write_index(layout, specs, format="oci-dir", repo_tag="v1", compression="gzip", nested=True)
+    ref = f"docker://{registry.host}/multi/arch:v1"
+    formats = ["--format", "v2s2"] if media_types == "docker" else []     # skopeo converts to a manifest list
+    subprocess.run([SKOPEO, "copy", "-q", "--all", *formats, "--dest-tls-verify=false", f"oci:{layout}:v1", ref],
+                   check=True, capture_output=True, timeout=120)
+    index = registry.manifest("multi/arch:v1")
+    assert index["mediaType"] == (OCI_INDEX if media_types == "oci" else DOCKER_MANIFEST_LIST)
+    assert pull(ref, store_dir, "--platform", "linux/arm64", "-q").returncode == 0
+    assert pull(ref, store_dir, "-q").returncode == 0        # the host's: amd64 here
+    platforms = sorted(record["platform"] for record in LayerStore(store_dir).images())
+    assert platforms == sorted({"linux/arm64", f"linux/{Platform.host().architecture}"})
+    missing = pull(ref, store_dir, "--platform", "linux/s390x")
+    assert missing.returncode == 3 and "no image for platform linux/s390x; it has linux/amd64, linux/arm64" \
+        in missing.stderr
 
 
 def test_second_image_sharing_the_base_fetches_only_its_new_layer(registry, tmp_path, store_dir):
@@ -276,8 +300,8 @@ def test_errors_name_the_ref_and_the_registry_code(registry, tmp_path, store_dir
     assert not (store_dir / "images").exists() or not list((store_dir / "images").iterdir())
 
 
-def test_push_uploads_only_what_the_registry_lacks(registry, tmp_path):
-    archive = build(tmp_path / "app.tar", [BASE_LAYER, APP_LAYER])
+def test_push_uploads_only_what_the_registry_lacks(registry, tmp_path, store_dir):
+    archive = build(tmp_path / "app.tar", [BASE_LAYER, APP_LAYER], compression="none")   # classic docker save
     first = run_layermount("push", archive, f"docker://{registry.host}/pushed/app:v1")
     assert first.returncode == 0, first.stderr
     assert first.stdout.count(": Pushed") == 2
@@ -293,6 +317,10 @@ def test_push_uploads_only_what_the_registry_lacks(registry, tmp_path):
     original = json.loads(subprocess.run([SKOPEO, "inspect", f"docker-archive:{archive}"],
                                          capture_output=True, check=True).stdout)
     assert inspected["Env"] == original["Env"] and len(inspected["Layers"]) == 2
+    pulled = pull(f"docker://{registry.host}/elsewhere/app:v1", store_dir, "-q")
+    assert pulled.returncode == 0, pulled.stderr
+    [record] = LayerStore(store_dir).images()
+    assert record["id"] == original["Digest"] or record["config"]["config"]["Env"] == original["Env"]
 
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
