@@ -300,6 +300,20 @@ def test_errors_name_the_ref_and_the_registry_code(registry, tmp_path, store_dir
     assert not (store_dir / "images").exists() or not list((store_dir / "images").iterdir())
 
 
+def test_an_unreachable_registry_falls_back_to_the_image_pulled_before(registry, tmp_path, store_dir, mounts):
+    ref = registry.push(build(tmp_path / "app.tar", [BASE_LAYER, APP_LAYER]), "offline/app:v1")
+    assert pull(ref, store_dir, "-q").returncode == 0
+    registry.stop()
+    offline = pull(ref, store_dir)
+    assert offline.returncode == 1 and "cannot reach registry" in offline.stderr
+    result = mounts.mount(ref, "--read-only", "-q", expect_ok=False)
+    assert result.returncode == 0, result.stderr
+    assert "cannot reach registry" in result.stderr and "as pulled before" in result.stderr
+    assert (mounts.mountpoint() / "app/main").read_text() == "main v1\n"
+    elsewhere = run_layermount("history", ref.replace("offline/app", "offline/other"), "--store", store_dir)
+    assert elsewhere.returncode == 1, "only the REF that was pulled stands in for itself"
+
+
 def test_push_uploads_only_what_the_registry_lacks(registry, tmp_path, store_dir):
     archive = build(tmp_path / "app.tar", [BASE_LAYER, APP_LAYER], compression="none")   # classic docker save
     first = run_layermount("push", archive, f"docker://{registry.host}/pushed/app:v1")

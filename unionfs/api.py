@@ -43,6 +43,34 @@ def load_image(sources: list[str], *, platform: str | None = None, ref: str | No
     return open_layer_tars(sources)
 
 
+def recorded_image(store: "LayerStore", source: str) -> Image | None:
+    """The image the store pulled for registry reference ``source``, if all its layers are still there."""
+    from .image.model import Image as ImageModel, LayerRef
+    from .image.reference import parse_source
+
+    try:
+        ref = parse_source(source).registry
+    except UsageError:
+        return None
+    if ref is None or not store.root.is_dir():
+        return None
+    wanted = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
+    records = [record for record in store.images() if record.get("format") == "registry"
+               and wanted in record.get("repo_tags", []) + record.get("repo_digests", [])]
+    if not records:
+        return None
+    record = max(records, key=lambda record: record.get("recorded_at", 0))
+    if any(store.layer(diff_id) is None for diff_id in record["layers"]):
+        return None
+
+    def not_needed():
+        raise ImageError(f"{source}: layer not in the store any more")
+    layers = [LayerRef(name=diff_id, open=not_needed, diff_id=diff_id, remote=True) for diff_id in record["layers"]]
+    return ImageModel(source=str(ref), layers=layers, config=record.get("config") or {}, config_digest=record["id"],
+                      repo_tags=record.get("repo_tags", []), repo_digests=record.get("repo_digests", []),
+                      format="registry", origin=ref.name)
+
+
 def unpack(image: Image, store: "LayerStore", progress=None, jobs: int | None = None) -> list["StoredLayer"]:
     """``jobs`` layers at once: by default one per core, and for a registry 3, as docker pulls."""
     if jobs is None and image.format == "registry":

@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__, api
-from .errors import LayermountError, UsageError
+from .errors import LayermountError, NetworkError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 from .provenance import explain_lines, explain_path
@@ -80,7 +80,16 @@ def _registry_options(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace, sources: list[str]):
-    return api.load_image(sources, platform=args.platform, ref=args.ref, registry=_registry_options(args))
+    try:
+        return api.load_image(sources, platform=args.platform, ref=args.ref, registry=_registry_options(args))
+    except NetworkError as exc:
+        # Offline, as docker run is: an image this store pulled before under that REF will do.
+        image = api.recorded_image(api.store_for(getattr(args, "store", None)), sources[0]) \
+            if len(sources) == 1 and getattr(args, "command", None) not in ("pull", "push") else None
+        if image is None:
+            raise
+        print(f"layermount: {exc}; using {image.repo_digests[0]} as pulled before", file=sys.stderr)
+        return image
 
 
 def _mount_parser() -> argparse.ArgumentParser:
