@@ -73,11 +73,22 @@ def recorded_image(store: "LayerStore", source: str) -> Image | None:
 
 def unpack(image: Image, store: "LayerStore", progress=None, jobs: int | None = None) -> list["StoredLayer"]:
     """``jobs`` layers at once: by default one per core, and for a registry 3, as docker pulls."""
-    if jobs is None and image.format == "registry":
+    progress = progress or PullProgress(quiet=True)
+    if image.format == "registry":
         from .image.registry import DEFAULT_JOBS
+        from .store import short_id
 
-        jobs = DEFAULT_JOBS
-    return store.unpack_image(image, progress or PullProgress(quiet=True), jobs=jobs)
+        jobs = jobs or DEFAULT_JOBS
+        # docker pull's opening: every layer's state at once, before the downloads start.
+        missing = 0
+        for ref in image.layers:
+            stored = store.layer(ref.diff_id) if store.layers_dir.is_dir() else None
+            if stored is not None:
+                progress(short_id(ref.diff_id), "Already exists", stored.size, stored.size)
+            else:
+                progress(short_id(ref.diff_id), "Pulling fs layer" if missing < jobs else "Waiting", 0, ref.size)
+                missing += 1
+    return store.unpack_image(image, progress, jobs=jobs)
 
 
 def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,

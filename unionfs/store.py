@@ -283,8 +283,6 @@ class LayerStore:
             if diff_id is not None and (existing := self.layer(diff_id)) is not None:
                 progress(short, "Already exists", existing.size, existing.size)
                 return existing
-            if ref.remote:
-                progress(short, "Pulling fs layer", 0, ref.size)
             work = Path(tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir))
             try:
                 meta = self._extract_verified(ref, work, label, short, diff_id, progress)
