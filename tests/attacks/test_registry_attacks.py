@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import threading
 
 import pytest
@@ -349,3 +350,36 @@ def test_a_blob_that_always_breaks_off_ends_as_a_network_error(hostile, tmp_path
     assert_refused(pull(host, tmp_path / "store"), "download failed after", code=1)
     assert 3 <= calls["count"] <= 21
     assert store_is_empty(tmp_path / "store")
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "oversized"])
+def test_a_planted_partial_file_is_neither_followed_nor_trusted(hostile, tmp_path, planted):
+    """Where a broken-off download's bytes are kept (store/partial/<hex>) sits a symlink to a host file,
+    a FIFO that would block a reader forever, or a file longer than the blob: the pull replaces it,
+    never writes through it, and completes with verified content."""
+    server, host = hostile()
+    store = tmp_path / "store"
+    partial = store / "partial" / sha256(server.image.layer).split(":", 1)[1]
+    partial.parent.mkdir(parents=True)
+    sentinel = tmp_path / "host-file"
+    sentinel.write_bytes(b"host data")
+    if planted == "symlink":
+        partial.symlink_to(sentinel)
+    elif planted == "fifo":
+        os.mkfifo(partial)
+    else:
+        partial.write_bytes(b"X" * (len(server.image.layer) + 1))
+    result = pull(host, store)
+    assert result.returncode == 0, result.stderr
+    assert sentinel.read_bytes() == b"host data"
+    assert not os.path.lexists(partial)
+    assert (store / "images").exists() and any((store / "images").iterdir())
+
+
+def test_a_token_realm_that_is_not_http_is_refused(hostile, tmp_path):
+    """The Bearer realm points at a local file: nothing is opened, the pull says why in one line."""
+    def lie(handler):
+        handler.answer(401, b"{}", headers=[("WWW-Authenticate", 'Bearer realm="file:///etc/shadow",service="x"')])
+        return True
+    _, host = hostile(lie)
+    assert_refused(pull(host, tmp_path / "store"), "no usable token realm")

@@ -23,6 +23,7 @@ from contextlib import closing
 import json
 import os
 import re
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -351,11 +352,21 @@ class BlobStream(io.RawIOBase):
     def _open_partial(self, path: str) -> None:
         """Replay what an earlier pull received (the caller holds the layer's lock), then append to it."""
         self._partial_path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError:
+            fd = None          # a symlink (or worse) where our partial file goes
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            fd = None
+        if fd is None:         # replaced by a fresh regular file, never followed or read
+            os.unlink(path)
+            fd = os.open(path, flags | os.O_EXCL, 0o600)
         if os.fstat(fd).st_size > self._size:
             os.ftruncate(fd, 0)
         self._partial = os.fdopen(fd, "ab", buffering=0)
-        self._replay = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0)
+        self._replay = open(f"/proc/self/fd/{fd}", "rb", buffering=0)     # the same file, read from its start
 
     def readable(self) -> bool:
         return True
