@@ -128,7 +128,8 @@ def prepare_upper(path: str, *, image: Image, layers, store) -> tuple[str, str]:
     except OSError as exc:
         raise UsageError(f"upper {path}: cannot create it: {exc.strerror}") from None
     record = root / "layermount.json"
-    info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
+    source = image.source if image.format == "registry" else os.path.abspath(image.source)
+    info = {"image": source, "image_id": image.id, "store": str(store.root),
             "layers": [layer.diff_id for layer in layers]}
     if record.exists():
         previous = json.loads(record.read_text())
