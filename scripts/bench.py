@@ -4,7 +4,7 @@
   scripts/bench.py mount [--quick] [--json FILE]   mount, tree walks, reads, stats at 2/64/128 layers
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
   scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
-  scripts/bench.py pull [--quick] [--json FILE]    layermount pull vs skopeo copy to a layout + unpack of it
+  scripts/bench.py pull [--quick] [--rate MB/S]    layermount pull vs skopeo copy to a layout + unpack of it
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
 The layers are generated into a temp dir (--dir picks where) that is removed at
@@ -730,9 +730,53 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
     return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
 
 
-def bench_pull(session: Session, reps: int, layermount_binary: str) -> list[tuple[str, float, float]]:
+class ThrottledProxy:
+    """A TCP proxy to 127.0.0.1:``port`` that passes at most ``rate`` bytes a second towards the client
+    (all connections together), standing in for a network slower than loopback."""
+
+    def __init__(self, port: int, rate: float):
+        import threading
+
+        self.port, self.rate = port, rate
+        self._lock = threading.Lock()
+        self._next_free = time.monotonic()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self._threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            self._threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if throttled:
+                    with self._lock:
+                        start = max(self._next_free, time.monotonic())
+                        self._next_free = start + len(data) / self.rate
+                    time.sleep(max(start - time.monotonic(), 0))
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def bench_pull(session: Session, reps: int, layermount_binary: str,
+               rate: float | None = None) -> list[tuple[str, float, float]]:
     """Pull + unpack from a local docker-registry: layermount's one pass (3 layers at once) against
-    what a user does today, skopeo copy docker://... oci:DIR and then the unpack of that layout."""
+    what a user does today, skopeo copy docker://... oci:DIR and then the unpack of that layout.
+    With ``rate`` (bytes/s) both fetch through a throttling proxy, as over a slower network."""
     sys.path.insert(0, str(REPO))
     from unionfs.image.writer import new_config, write_image
 
@@ -768,14 +812,17 @@ def bench_pull(session: Session, reps: int, layermount_binary: str) -> list[tupl
                                   "http": {"addr": host}}))
     registry = subprocess.Popen([registry_binary, "serve", str(config)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+    proxy = None
     try:
         for _ in range(200):
             with contextlib.suppress(OSError), socket.create_connection(host.split(":"), timeout=1):
                 break
             time.sleep(0.05)
-        ref = f"docker://{host}/bench/image:v1"
         progress(f"pushing it into docker-registry on {host} with skopeo")
-        run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"docker-archive:{image}", ref])
+        run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"docker-archive:{image}",
+             f"docker://{host}/bench/image:v1"])
+        proxy = ThrottledProxy(int(host.split(":")[1]), rate) if rate else None
+        ref = f"docker://{proxy.host if proxy else host}/bench/image:v1"
 
         def with_skopeo() -> None:
             layout = session.root / "layout"
@@ -799,6 +846,8 @@ def bench_pull(session: Session, reps: int, layermount_binary: str) -> list[tupl
                     shutil.rmtree(session.root / output)
             rows.append((name, statistics.median(samples), 0.0))
     finally:
+        if proxy is not None:
+            proxy.close()
         registry.terminate()
         registry.wait(timeout=30)
     baseline = rows[0][1]
@@ -817,13 +866,18 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
         return 1
     session = Session(args.dir)
     try:
-        rows = (bench_pull if args.mode == "pull" else bench_unpack)(session, reps, layermount.binary)
+        if args.mode == "pull":
+            rows = bench_pull(session, reps, layermount.binary, args.rate * 1e6 if args.rate else None)
+        else:
+            rows = bench_unpack(session, reps, layermount.binary)
     except BenchError as exc:
         print(f"bench.py: {exc}", file=sys.stderr)
         return 1
     finally:
         session.close()
-    what = "from a local docker-registry " if args.mode == "pull" else ""
+    what = ""
+    if args.mode == "pull":
+        what = "from a local docker-registry " + (f"through a {args.rate:g} MB/s proxy " if args.rate else "")
     print(f"\n{args.mode}: 4-layer gzip image {what}(median of {reps}, caches dropped before each run)")
     for name, seconds, ratio in rows:
         print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x")
@@ -843,6 +897,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         command.add_argument("--dir", help="where to make the temp dir (same disk for every mounter)")
         command.add_argument("--layermount", metavar="PATH", help="the layermount binary to use")
+        if mode == "pull":
+            command.add_argument("--rate", type=float, metavar="MB/S",
+                                 help="fetch through a proxy passing this many MB a second (a slower network)")
     return parser.parse_args(argv)
 
 
