@@ -53,7 +53,7 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_registry_options(parser: argparse.ArgumentParser) -> None:
     """How to reach a registry, for the verbs that take a REF (skopeo's option names)."""
-    parser.add_argument("--tls-verify", type=_boolean, nargs="?", const=True, default=True, metavar="BOOL",
+    parser.add_argument("--tls-verify", type=_boolean, default=True, metavar="true|false",
                         help="verify TLS certificates; false also allows plain HTTP "
                              "(localhost and 127.0.0.0/8 may use HTTP anyway)")
     parser.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials (default: from "
