@@ -140,10 +140,15 @@ def store_is_empty(store) -> bool:
 
 def test_an_honest_answer_pulls(hostile, tmp_path):
     """The control case: the same server telling the truth gives a complete pull."""
-    _, host = hostile()
+    server, host = hostile()
     result = pull(host, tmp_path / "store")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "store" / "images").exists() and not store_is_empty(tmp_path / "store")
+    [accept] = [headers.get("Accept", "") for path, headers in server.seen if "/manifests/" in path]
+    for media_type in (OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
+                       "application/vnd.docker.distribution.manifest.v2+json",
+                       "application/vnd.docker.distribution.manifest.list.v2+json"):
+        assert media_type in accept
 
 
 @pytest.mark.parametrize("announced", [True, False])
