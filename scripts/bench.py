@@ -832,19 +832,20 @@ def bench_pull(session: Session, reps: int, layermount_binary: str,
         def with_layermount() -> None:
             run([layermount_binary, "pull", ref, "--store", session.root / "store-pull", "-q"])
 
-        rows = []
-        for name, operation, outputs in (
-                ("skopeo copy to oci: + layermount unpack", with_skopeo, ("layout", "store-skopeo")),
-                ("layermount pull (streamed, verified)", with_layermount, ("store-pull",))):
-            samples = []
-            for _ in range(reps):
+        cases = (("skopeo copy to oci: + layermount unpack", with_skopeo, ("layout", "store-skopeo")),
+                 ("layermount pull (streamed, verified)", with_layermount, ("store-pull",)))
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        for _ in range(reps):           # interleaved, so a change of load hits both alike
+            for name, operation, outputs in cases:
                 run(["sync"])
                 drop_caches()
                 seconds, _ = timed(operation)
-                samples.append(seconds)
+                samples[name].append(seconds)
                 for output in outputs:
                     shutil.rmtree(session.root / output)
-            rows.append((name, statistics.median(samples), 0.0))
+        progress("samples: " + "; ".join(f"{name}: {', '.join(f'{value:.2f}' for value in values)}"
+                                         for name, values in samples.items()))
+        rows = [(name, statistics.median(values), 0.0) for name, values in samples.items()]
     finally:
         if proxy is not None:
             proxy.close()

@@ -369,6 +369,8 @@ def test_commit_push_then_skopeo_inspect_and_podman_pull_and_run(registry, tmp_p
     inspected = json.loads(subprocess.run([SKOPEO, "inspect", "--tls-verify=false", destination],
                                           capture_output=True, check=True, text=True).stdout)
     assert len(inspected["Layers"]) == 2
+    ran = run_layermount("run", "--store", mounts.store, "-q", destination, "cat", "/etc/greeting")
+    assert ran.returncode == 0 and ran.stdout == "hello from a layermount commit\n", ran.stderr
     conf = tmp_path / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     short = Path(tempfile.mkdtemp(prefix="lm-podman-"))      # podman wants a runroot under 50 characters
