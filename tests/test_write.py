@@ -9,6 +9,7 @@ directories, which layermount does without options.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -17,9 +18,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from oracle import diff_snapshots, kernel_overlay, snapshot
+from oracle import (MtimeClock, coarse_now_ns, diff_snapshots, kernel_nlink_is_the_lower_count, kernel_overlay,
+                    next_clock_tick, snapshot, stamps)
 from test_mount import make_tree
 
 KERNEL_FEATURES = "index=on,redirect_dir=on"
@@ -106,6 +108,15 @@ def apply(root: Path, op: tuple):
             finally:
                 os.close(fd)
         return outcome(sync)
+    if kind == "unlink-open":
+        def unlink_while_open():   # the temp-file pattern: the fd's st_nlink is the names left
+            fd = os.open(path(args[0]), os.O_RDONLY)
+            try:
+                os.unlink(path(args[0]))
+                return os.fstat(fd).st_nlink
+            finally:
+                os.close(fd)
+        return outcome(unlink_while_open)
     if kind == "listdir":
         return outcome(lambda: sorted(os.listdir(path(args[0]))))
     if kind == "stat":
@@ -141,9 +152,14 @@ class Pair:
         return results
 
 
+def comparable(op: tuple, result: tuple) -> tuple:
+    """The part of an outcome both mounts must agree on; an fd's nlink is judged by ``link_count_differences``."""
+    return result[:1] if op[0] == "unlink-open" and result[0] == "ok" else result
+
+
 def compare(pair: Pair, ops, kernel_root: Path):
     for op, mine, theirs in pair.run(ops, kernel_root):
-        assert mine == theirs, f"{op}: layermount {mine} but kernel overlayfs {theirs}"
+        assert comparable(op, mine) == comparable(op, theirs), f"{op}: layermount {mine} but kernel overlayfs {theirs}"
     ours, kernels = snapshot(pair.ours, mtimes=False), snapshot(kernel_root, mtimes=False)
     differences = diff_snapshots(ours, kernels, ("layermount", "kernel"))
     assert not differences, "\n".join(differences)
@@ -270,21 +286,209 @@ op_strategy = st.one_of(
     st.tuples(st.just("chmod"), path_strategy, st.sampled_from([0o600, 0o755])),
     st.tuples(st.just("truncate"), path_strategy, st.sampled_from([0, 3, 70000])),
     st.tuples(st.just("listdir"), st.sampled_from(["", "d", "o", "newdir", "d/sub"])),
+    st.tuples(st.just("unlink-open"), path_strategy),
 )
 
 
-@settings(max_examples=int(os.environ.get("LAYERMOUNT_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(op_strategy, min_size=1, max_size=12))
-def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lowers, ops):
+WHITEOUT_FORMATS = ["overlay", "oci"]
+EXAMPLES = int(os.environ.get("LAYERMOUNT_EXAMPLES", "25"))
+SLOW_EXAMPLES = int(os.environ.get("LAYERMOUNT_SLOW_EXAMPLES", "300"))
+sequences = st.lists(op_strategy, min_size=1, max_size=12)
+long_sequences = st.lists(op_strategy, min_size=1, max_size=80)
+
+
+@contextlib.contextmanager
+def fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format):
+    """A Pair and its kernel twin in a fresh directory, gone again when the example ends."""
     tmp = tmp_path_factory.mktemp("gen")
-    pair = Pair(mounts, tmp, lowers)
+    pair = Pair(mounts, tmp, lowers, extra=("--whiteout-format", whiteout_format))
     try:
         with kernel_overlay(lowers, tmp / "kernel", upper=tmp / "kernel-upper", options=KERNEL_FEATURES) as kernel_root:
-            compare(pair, ops, kernel_root)
+            yield pair, kernel_root
     finally:
         mounts.umount(pair.ours)
         mounts.points.remove(pair.ours)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=sequences)
+def test_generated_sequences_match_kernel_overlayfs(mounts, tmp_path_factory, lowers, whiteout_format, ops):
+    with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
+        compare(pair, ops, kernel_root)
+
+
+def link_count_differences(ours: dict, kernels: dict, kernel_upper: Path, lowers, aspects) -> list[str]:
+    """st_nlink of every entry. A file's (aspect "nlink") must be the names the merged view has for it on
+    layermount; the kernel's the same or the deliberate difference "nlink of a lower file". A directory's
+    (aspect "dir-nlink") is 2 + its subdirectories, or 1 where that is not known without listing every
+    layer; layermount may know it where the kernel says 1 ("nlink of a directory"), not the reverse."""
+    lines = []
+    names: dict[int, list[str]] = {}
+    subdirs: dict[str, int] = {}
+    for rel, entry in ours.items():
+        if entry["type"] != "dir":
+            names.setdefault(entry["ino"], []).append(rel)
+        elif rel != ".":
+            parent = os.path.dirname(rel) or "."
+            subdirs[parent] = subdirs.get(parent, 0) + 1
+    for rel in sorted(ours.keys() & kernels.keys()):
+        mine, theirs = ours[rel]["nlink"], kernels[rel]["nlink"]
+        if ours[rel]["type"] == "dir":
+            exact = 2 + subdirs.get(rel, 0)
+            if "dir-nlink" in aspects and mine not in (1, exact):
+                lines.append(f"{rel}: directory nlink layermount={mine}, neither 1 nor {exact}")
+            elif "dir-nlink" in aspects and mine != theirs and mine != exact:
+                lines.append(f"{rel}: directory nlink layermount={mine} kernel={theirs} (exact {exact})")
+            continue
+        if "nlink" not in aspects:
+            continue
+        merged = len(names[ours[rel]["ino"]])
+        if mine != merged:
+            lines.append(f"{rel}: layermount nlink={mine} but the merged view has {merged} names for it")
+        if theirs != merged and not kernel_nlink_is_the_lower_count(rel, theirs, kernel_upper, lowers):
+            lines.append(f"{rel}: kernel nlink={theirs} layermount={mine}, merged names {merged}")
+    return lines
+
+
+ASPECTS = frozenset({"mtime", "nlink", "dir-nlink"})
+
+
+def step_differences(pair: Pair, ops, kernel_root: Path, aspects=ASPECTS):
+    """Run ``ops`` on both mounts; yield (history, differences) after every step: the outcome, each entry's
+    mtime (named by the step that last set it) and each link count. Directory mtimes included; atime and
+    ctime aside."""
+    kernel_upper = pair.tmp / "kernel-upper"
+    clocks = (MtimeClock(), MtimeClock())
+    history = []
+    before = stamps(pair.ours)
+    for step, op in enumerate([None, *ops]):
+        lines = []
+        next_clock_tick()
+        step_start = coarse_now_ns()
+        if op is not None:
+            mine, theirs = apply(pair.ours, op), apply(kernel_root, op)
+            history.append(f"  {step}: {op} -> {mine}")
+            if comparable(op, mine) != comparable(op, theirs):
+                yield history, [f"layermount {mine} but kernel overlayfs {theirs}"]
+                return
+        ours, kernels = stamps(pair.ours), stamps(kernel_root)
+        if op is not None and op[0] == "unlink-open" and mine[0] == "ok" and "nlink" in aspects:
+            lines += unlinked_fd_differences(op[1], mine[1], theirs[1], before, ours, kernel_upper, pair.lowers)
+        ours_times = clocks[0].observe(step, step_start, ours)
+        kernel_times = clocks[1].observe(step, step_start, kernels)
+        for rel in sorted(ours.keys() & kernels.keys()) if "mtime" in aspects else ():
+            if ours_times[rel] != kernel_times[rel]:
+                lines.append(f"{rel} ({ours[rel]['type']}): mtime last set layermount {ours_times[rel]} "
+                             f"kernel {kernel_times[rel]}")
+        lines += link_count_differences(ours, kernels, kernel_upper, pair.lowers, aspects)
+        yield history, lines
+        before = ours
+
+
+def compare_step_by_step(pair: Pair, ops, kernel_root: Path, aspects=ASPECTS):
+    for history, lines in step_differences(pair, ops, kernel_root, aspects):
+        assert not lines, "\n".join(["after the operations", *history, *lines])
+
+
+def unlinked_fd_differences(rel, mine, theirs, ours_before, ours_after, kernel_upper, lowers) -> list[str]:
+    """fstat of a file opened and then unlinked: st_nlink is the names it has left (0 when none)."""
+    ino = ours_before[rel]["ino"]
+    left = sum(1 for entry in ours_after.values() if entry["type"] != "dir" and entry["ino"] == ino)
+    lines = []
+    if mine != left:
+        lines.append(f"{rel}: fstat after unlink layermount nlink={mine} but {left} names are left")
+    if theirs != left and not kernel_nlink_is_the_lower_count(rel, theirs, kernel_upper, lowers):
+        lines.append(f"{rel}: fstat after unlink kernel nlink={theirs} layermount={mine}, names left {left}")
+    return lines
+
+
+# Bugs the step-by-step comparison shows today; each marker goes when its fix lands.
+COPY_UP_TOUCHES_PARENT = ("copy-up of a child sets its upper parent's mtime, which kernel overlayfs restores "
+                          "(upper.py StagedCopy.publish, make_dir_like, copy_special_in)")
+PARTNER_LINK_TOUCHES_PARENT = ("linking a copied-up file's hardlink partners into the upper sets their parents' "
+                               "mtime (overlay.py MergedView._copy_up_other_names)")
+OPAQUE_DIR_SERVED_AS_MERGED = ("a directory made opaque over a lower one is served as merged, nlink 1, where the "
+                               "kernel gives its own count (overlay.py _build_listing trims a child's sources "
+                               "only when the child is listed; fuse_ops _child_entry caches the reply before)")
+HOST_NLINK_OF_LOWER_FILE = ("a file's st_nlink is its host inode's count, not the names the merged view has for "
+                            "it (fuse_ops.Operations._entry serves attr.nlink)")
+
+
+def known_bug(reason: str):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+STEP_SCENARIOS = [   # (name, operations, aspects compared, marks)
+    ("upper-only files and directories", [
+        ("write", "new", b"x", "wb"), ("utime", "new", 10**18), ("mkdir", "nd"), ("rename", "new", "nd/new"),
+        ("link", "nd/new", "nd/l"), ("unlink", "nd/l"), ("write", "nd/new", b"y", "ab")], {"mtime", "nlink"}, ()),
+    ("whiteout and hardlink at the root", [("unlink", "f"), ("link", "big", "big2"), ("stat", "big")],
+     {"mtime", "nlink"}, ()),
+    ("renamed lower directory knows its link count", [("rename", "d", "moved"), ("mkdir", "moved/x")],
+     {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),   # the fixture's opaque "o" shows it too
+    ("chmod copies up a file in a lower directory", [("chmod", "d/f", 0o600)], {"mtime"},
+     known_bug(COPY_UP_TOUCHES_PARENT)),
+    ("append copies up a file at the root", [("write", "f", b"+", "ab"), ("read", "f")], {"mtime"},
+     known_bug(COPY_UP_TOUCHES_PARENT)),
+    ("chown copies up a symlink", [("chown", "link", 7, 7)], {"mtime"}, known_bug(COPY_UP_TOUCHES_PARENT)),
+    ("a whiteout two levels down copies up the directories", [("unlink", "d/sub/h")], {"mtime"},
+     known_bug(COPY_UP_TOUCHES_PARENT)),
+    ("copy-up after a rename in the same directory", [("rename", "d/g", "d/g2"), ("chmod", "d/f", 0o600)],
+     {"mtime"}, known_bug(COPY_UP_TOUCHES_PARENT)),
+    ("copy-up of a hardlinked lower file", [("truncate", "hl1", 3)], {"mtime"},
+     known_bug(PARTNER_LINK_TOUCHES_PARENT + "; and " + COPY_UP_TOUCHES_PARENT)),
+    ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),
+    ("hardlink partner deleted", [("unlink", "hl2"), ("stat", "hl1")], {"nlink"}, known_bug(HOST_NLINK_OF_LOWER_FILE)),
+    ("fstat of a lower hardlink unlinked while open", [("unlink-open", "hl1")], {"nlink"},
+     known_bug(HOST_NLINK_OF_LOWER_FILE)),
+]
+
+
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@pytest.mark.parametrize("ops, aspects", [pytest.param(ops, frozenset(aspects), id=name, marks=marks)
+                                          for name, ops, aspects, marks in STEP_SCENARIOS])
+def test_step_by_step_scenario_matches_kernel_overlayfs(mounts, tmp_path_factory, lowers, whiteout_format, ops,
+                                                        aspects):
+    with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
+        compare_step_by_step(pair, ops, kernel_root, aspects)
+
+
+def each_known_bug(test):
+    """Run a scenario of each bug above first, so the generated test fails every time until all are fixed."""
+    for _name, ops, _aspects, marks in STEP_SCENARIOS:
+        if marks:
+            test = example(ops=ops)(test)
+    return test
+
+
+GENERATED_STEP_BUGS = "; ".join([COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, OPAQUE_DIR_SERVED_AS_MERGED,
+                                 HOST_NLINK_OF_LOWER_FILE])
+
+
+@known_bug(GENERATED_STEP_BUGS)
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=sequences)
+@each_known_bug
+def test_generated_sequences_keep_mtimes_and_link_counts_like_kernel_overlayfs(mounts, tmp_path_factory, lowers,
+                                                                              whiteout_format, ops):
+    with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
+        compare_step_by_step(pair, ops, kernel_root)
+
+
+@known_bug(GENERATED_STEP_BUGS)
+@pytest.mark.slow
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=long_sequences)
+@each_known_bug
+def test_long_generated_sequences_match_kernel_overlayfs_step_by_step(mounts, tmp_path_factory, lowers,
+                                                                      whiteout_format, ops):
+    with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
+        compare_step_by_step(pair, ops, kernel_root)
+        compare(pair, [], kernel_root)
 
 
 def test_diff_lists_changes_like_docker_diff(mounts, tmp_path, lowers):
