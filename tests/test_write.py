@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -527,3 +528,35 @@ def test_open_deleted_file_keeps_its_data_and_size(mounts, tmp_path, lowers):
             assert os.fstat(fd).st_size == 10
         finally:
             os.close(fd)
+
+
+def as_user(uid: int, gid: int, *command) -> subprocess.CompletedProcess:
+    """``command`` as an ordinary user; it may search pytest's 0700 temp dirs (CAP_DAC_READ_SEARCH), no more."""
+    caps = ["--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *caps,
+                           *map(str, command)], capture_output=True, text=True, timeout=60)
+
+
+def test_new_entries_in_a_setgid_directory_take_its_group(mounts, tmp_path):
+    """Group inheritance, by root and by an ordinary user, against kernel overlayfs on the same lower."""
+    lower = make_tree(tmp_path / "lower", {"shared/old": b"old", "plain/x": b"x"})
+    os.chown(lower / "shared", 0, 50)
+    os.chmod(lower / "shared", 0o2777)
+    os.chmod(lower / "plain", 0o777)
+    pair = Pair(mounts, tmp_path, [lower], extra=("--allow-other",))
+    with kernel_overlay([lower], tmp_path / "kernel", upper=tmp_path / "kernel-upper",
+                        options=KERNEL_FEATURES) as kernel_root:
+        for root in (pair.ours, kernel_root):
+            (root / "shared/by-root").write_bytes(b"r")
+            os.mkdir(root / "shared/dir-by-root")
+            for command in (["touch", root / "shared/by-user"], ["mkdir", root / "shared/dir-by-user"],
+                            ["mkfifo", root / "shared/fifo-by-user"], ["touch", root / "plain/by-user"]):
+                result = as_user(1000, 1000, *command)
+                assert result.returncode == 0, f"{command}: {result.stderr}"
+        ours, kernels = snapshot(pair.ours, mtimes=False), snapshot(kernel_root, mtimes=False)
+    assert not diff_snapshots(ours, kernels, ("layermount", "kernel")), \
+        "\n".join(diff_snapshots(ours, kernels, ("layermount", "kernel")))
+    for name in ("by-root", "dir-by-root", "by-user", "dir-by-user", "fifo-by-user"):
+        assert ours[f"shared/{name}"]["gid"] == 50, name
+    assert ours["shared/dir-by-user"]["mode"] & 0o2000 and ours["shared/dir-by-root"]["mode"] & 0o2000
+    assert (ours["shared/by-user"]["uid"], ours["plain/by-user"]["gid"]) == (1000, 1000)
