@@ -413,6 +413,9 @@ PARTNER_LINK_TOUCHES_PARENT = ("linking a copied-up file's hardlink partners int
 OPAQUE_DIR_SERVED_AS_MERGED = ("a directory made opaque over a lower one is served as merged, nlink 1, where the "
                                "kernel gives its own count (overlay.py _build_listing trims a child's sources "
                                "only when the child is listed; fuse_ops _child_entry caches the reply before)")
+OCI_OPAQUE_MARKER_TOUCHES_DIR = ("with --whiteout-format oci, writing the .wh..wh..opq marker into a directory "
+                                 "(a renamed one, each one of a lower tree copied up by a rename) sets its mtime; "
+                                 "the kernel's opaque xattr does not (upper.py UpperLayer.make_opaque)")
 HOST_NLINK_OF_LOWER_FILE = ("a file's st_nlink is its host inode's count, not the names the merged view has for "
                             "it (fuse_ops.Operations._entry serves attr.nlink)")
 
@@ -421,7 +424,7 @@ def known_bug(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-STEP_SCENARIOS = [   # (name, operations, aspects compared, marks)
+STEP_SCENARIOS = [   # (name, operations, aspects compared, marks: for both whiteout forms or {form: mark})
     ("upper-only files and directories", [
         ("write", "new", b"x", "wb"), ("utime", "new", 10**18), ("mkdir", "nd"), ("rename", "new", "nd/new"),
         ("link", "nd/new", "nd/l"), ("unlink", "nd/l"), ("write", "nd/new", b"y", "ab")], {"mtime", "nlink"}, ()),
@@ -440,6 +443,14 @@ STEP_SCENARIOS = [   # (name, operations, aspects compared, marks)
      {"mtime"}, known_bug(COPY_UP_TOUCHES_PARENT)),
     ("copy-up of a hardlinked lower file", [("truncate", "hl1", 3)], {"mtime"},
      known_bug(PARTNER_LINK_TOUCHES_PARENT + "; and " + COPY_UP_TOUCHES_PARENT)),
+    ("rename a lower directory", [("rename", "d/sub", "newdir")], {"mtime"}, {
+        "overlay": known_bug(COPY_UP_TOUCHES_PARENT),
+        "oci": known_bug(COPY_UP_TOUCHES_PARENT + "; and " + OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
+    ("rename a lower tree", [("rename", "d", "moved")], {"mtime"}, {
+        "overlay": known_bug(COPY_UP_TOUCHES_PARENT),
+        "oci": known_bug(COPY_UP_TOUCHES_PARENT + "; and " + OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
+    ("rename a new directory onto a deleted name", [("mkdir", "nd"), ("unlink", "f"), ("rename", "nd", "f")],
+     {"mtime"}, {"oci": known_bug(OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
     ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),
     ("hardlink partner deleted", [("unlink", "hl2"), ("stat", "hl1")], {"nlink"}, known_bug(HOST_NLINK_OF_LOWER_FILE)),
     ("fstat of a lower hardlink unlinked while open", [("unlink-open", "hl1")], {"nlink"},
@@ -447,9 +458,10 @@ STEP_SCENARIOS = [   # (name, operations, aspects compared, marks)
 ]
 
 
-@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
-@pytest.mark.parametrize("ops, aspects", [pytest.param(ops, frozenset(aspects), id=name, marks=marks)
-                                          for name, ops, aspects, marks in STEP_SCENARIOS])
+@pytest.mark.parametrize("whiteout_format, ops, aspects", [
+    pytest.param(form, ops, frozenset(aspects), id=f"{name}-{form}",
+                 marks=marks.get(form, ()) if isinstance(marks, dict) else marks)
+    for name, ops, aspects, marks in STEP_SCENARIOS for form in WHITEOUT_FORMATS])
 def test_step_by_step_scenario_matches_kernel_overlayfs(mounts, tmp_path_factory, lowers, whiteout_format, ops,
                                                         aspects):
     with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
@@ -464,12 +476,13 @@ def each_known_bug(test):
     return test
 
 
-GENERATED_STEP_BUGS = "; ".join([COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, OPAQUE_DIR_SERVED_AS_MERGED,
-                                 HOST_NLINK_OF_LOWER_FILE])
+BOTH_FORMS_BUGS = [COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, OPAQUE_DIR_SERVED_AS_MERGED,
+                   HOST_NLINK_OF_LOWER_FILE]
+STEP_BY_STEP_FORMS = [pytest.param("overlay", marks=known_bug("; ".join(BOTH_FORMS_BUGS))),
+                      pytest.param("oci", marks=known_bug("; ".join([*BOTH_FORMS_BUGS, OCI_OPAQUE_MARKER_TOUCHES_DIR])))]
 
 
-@known_bug(GENERATED_STEP_BUGS)
-@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@pytest.mark.parametrize("whiteout_format", STEP_BY_STEP_FORMS)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=sequences)
 @each_known_bug
@@ -479,9 +492,8 @@ def test_generated_sequences_keep_mtimes_and_link_counts_like_kernel_overlayfs(m
         compare_step_by_step(pair, ops, kernel_root)
 
 
-@known_bug(GENERATED_STEP_BUGS)
 @pytest.mark.slow
-@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
+@pytest.mark.parametrize("whiteout_format", STEP_BY_STEP_FORMS)
 @settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=long_sequences)
 @each_known_bug
