@@ -574,3 +574,44 @@ def test_new_entries_in_a_setgid_directory_take_its_group(mounts, tmp_path):
         assert ours[f"shared/{name}"]["gid"] == 50, name
     assert ours["shared/dir-by-user"]["mode"] & 0o2000 and ours["shared/dir-by-root"]["mode"] & 0o2000
     assert (ours["shared/by-user"]["uid"], ours["plain/by-user"]["gid"]) == (1000, 1000)
+
+
+def served_identity(root: Path) -> dict[str, tuple]:
+    """Every entry's (st_ino, d_ino from readdir, st_dev)."""
+    found = {}
+    for directory, _dirs, _files in os.walk(root):
+        with os.scandir(directory) as scan:
+            for entry in scan:
+                found[os.path.relpath(entry.path, root)] = (os.lstat(entry.path).st_ino, entry.inode(),
+                                                           os.lstat(entry.path).st_dev)
+    return found
+
+
+def test_readdir_inode_numbers_and_device_agree_with_stat(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    for op in [("write", "f", b"+", "ab"), ("rename", "d", "moved"), ("write", "hl1", b"!", "ab"), ("mkdir", "nd"),
+               ("write", "nd/x", b"x", "wb"), ("unlink", "o/new")]:
+        apply(pair.ours, op)
+    identity = served_identity(pair.ours)
+    assert all(st_ino == d_ino for st_ino, d_ino, _ in identity.values()), identity
+    assert {dev for _, _, dev in identity.values()} == {os.lstat(pair.ours).st_dev}
+    assert identity["hl1"][0] == identity["hl2"][0]
+
+
+@pytest.mark.xfail(strict=True, reason="a copied-up entry's st_ino is kept only in memory (overlay.py "
+                   "MergedView._keep_ino): after a remount with the same upper the upper's host number is served; "
+                   "kernel overlayfs with index=on keeps them (origin xattr), fuse-overlayfs too")
+def test_inode_numbers_survive_a_remount_with_the_same_upper(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    before = {rel: ino for rel, (ino, _, _) in served_identity(pair.ours).items()}
+    for op in [("write", "f", b"+", "ab"), ("rename", "d", "moved"), ("write", "hl1", b"!", "ab"), ("chmod", "big", 0o600)]:
+        apply(pair.ours, op)
+    during = {rel: ino for rel, (ino, _, _) in served_identity(pair.ours).items()}
+    assert during["moved/f"] == before["d/f"] and during["f"] == before["f"] and during["hl2"] == before["hl2"]
+    mounts.umount(pair.ours)
+    again = mounts.mount("-o", "lowerdir=" + ":".join(map(str, lowers)) +
+                         f",upperdir={tmp_path / 'ours-upper'},workdir={tmp_path / 'ours-work'}",
+                         mountpoint=mounts.mountpoint("again"), store=False)
+    after = {rel: ino for rel, (ino, _, _) in served_identity(again).items()}
+    changed = {rel: (during[rel], after.get(rel)) for rel in during if after.get(rel) != during[rel]}
+    assert not changed, changed
