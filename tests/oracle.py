@@ -327,3 +327,8 @@ def kernel_nlink_is_the_lower_count(rel: str, nlink: int, kernel_upper: Path, lo
         if os.path.lexists(path):
             return os.lstat(path).st_nlink == nlink
     return False
+
+
+def directory_nlink_is_deliberate(ours: int, kernels: int, exact: int) -> bool:
+    """True for the deliberate difference "nlink of a directory": layermount knows, the kernel says 1."""
+    return ours == exact and kernels == 1
