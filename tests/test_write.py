@@ -615,3 +615,78 @@ def test_inode_numbers_survive_a_remount_with_the_same_upper(mounts, tmp_path, l
     after = {rel: ino for rel, (ino, _, _) in served_identity(again).items()}
     changed = {rel: (during[rel], after.get(rel)) for rel in during if after.get(rel) != during[rel]}
     assert not changed, changed
+
+
+LONG_NAME = "n" * 256   # one byte over NAME_MAX
+
+
+def long_name_outcomes(root: Path) -> dict[str, tuple]:
+    """Every call that takes a name, given one longer than NAME_MAX."""
+    long = root / "d" / LONG_NAME
+    calls = {
+        "stat": lambda: os.stat(long), "chmod": lambda: os.chmod(long, 0o600),
+        "chown": lambda: os.chown(long, 1, 1), "lchown": lambda: os.chown(long, 1, 1, follow_symlinks=False),
+        "truncate": lambda: os.truncate(long, 0), "unlink": lambda: os.unlink(long), "rmdir": lambda: os.rmdir(long),
+        "link-from": lambda: os.link(long, root / "d/new-link"), "link-to": lambda: os.link(root / "f", long),
+        "rename-from": lambda: os.rename(long, root / "d/new-name"),
+        "rename-to": lambda: os.rename(root / "d/g", long), "create": lambda: os.close(os.open(long, os.O_CREAT)),
+        "mkdir": lambda: os.mkdir(long), "symlink": lambda: os.symlink("t", long),
+        "mkfifo": lambda: os.mkfifo(long), "getxattr": lambda: os.getxattr(long, "user.x"),
+    }
+    return {name: outcome(call) for name, call in calls.items()}
+
+
+@pytest.mark.xfail(strict=True, reason="a name longer than NAME_MAX that no layer has is looked up and answered "
+                   "ENOENT, not ENAMETOOLONG (fuse_ops lookup, unlink, rmdir, rename, link check no name length); "
+                   "pjdfstest */02.t and rename/01.t")
+def test_names_longer_than_name_max_are_enametoolong_in_every_call(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper",
+                        options=KERNEL_FEATURES) as kernel_root:
+        kernels = long_name_outcomes(kernel_root)
+        ours = long_name_outcomes(pair.ours)
+    assert set(kernels.values()) == {("err", "ENAMETOOLONG")}
+    assert ours == kernels
+
+
+def near_path_max_outcomes(root: Path) -> list[tuple]:
+    """create, truncate, stat and unlink by a relative path of PATH_MAX - 1 bytes, from a directory of the mount
+    (the path the daemon sees from the mount's root is longer than PATH_MAX)."""
+    base = root / "d/sub"
+    components, last = ["c" * 250] * 16, None
+    relative = "/".join(components)
+    last = "f" * (4095 - len(relative) - 1)
+    relative += "/" + last
+    assert len(relative) == 4095
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for component in components:   # one level at a time: each mkdir's own path stays short
+            os.mkdir(component, dir_fd=fd)
+            inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    old_cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        results = [outcome(lambda: os.close(os.open(relative, os.O_WRONLY | os.O_CREAT, 0o644))),
+                   outcome(lambda: os.truncate(relative, 123)), outcome(lambda: os.stat(relative).st_size),
+                   outcome(lambda: os.chmod(relative, 0o600)), outcome(lambda: os.unlink(relative))]
+    finally:
+        os.chdir(old_cwd)
+    return results
+
+
+@pytest.mark.xfail(strict=True, reason="the daemon opens a file by its whole path from the mount's root "
+                   "(safepath.open_beneath with node.relpath, e.g. from MergedView.open_file in setattr's truncate), "
+                   "which passes PATH_MAX where the caller's relative path does not: ENAMETOOLONG where the kernel "
+                   "succeeds (pjdfstest truncate/03.t, ftruncate/03.t)")
+def test_a_path_near_path_max_from_inside_the_mount_works(mounts, tmp_path, lowers):
+    pair = Pair(mounts, tmp_path, lowers)
+    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper",
+                        options=KERNEL_FEATURES) as kernel_root:
+        kernels = near_path_max_outcomes(kernel_root)
+        ours = near_path_max_outcomes(pair.ours)
+    assert kernels == [("ok", None), ("ok", None), ("ok", 123), ("ok", None), ("ok", None)]
+    assert ours == kernels
