@@ -89,17 +89,16 @@ def test_which_and_explain_understand_the_layers_cuts(mounts, tmp_path):
     assert gone.returncode == 1 and "not visible" in gone.stdout
 
 
-def test_which_through_a_symlink_loop_tells_the_path_or_one_line_never_a_traceback(mounts, tmp_path):
+def test_which_through_a_symlink_loop_is_one_line_never_a_traceback(mounts, tmp_path):
     from unionfs.image.writer import Symlink
 
     image = tmp_path / "loop.tar"
     write_image(image, [layer_tar([Symlink("a", target="/b"), Symlink("b", target="/a"), File("f", b"f")])],
                 new_config(["loop"]), repo_tag="loop:latest")
     point = mounts.mount(image, "-q", "--read-only")
-    result = run_layermount("which", point / "a/f")     # ELOOP inside: the story of the path as written
-    assert "Traceback" not in result.stderr
-    assert result.returncode == 1 and result.stdout.startswith("/a/f  (mount "), result.stdout + result.stderr
-    assert "not visible" in result.stdout
+    result = run_layermount("which", point / "a/f")     # a loop inside the image
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "symbolic links (in the image)" in result.stderr
 
     (tmp_path / "host-loop").symlink_to(tmp_path / "host-loop")      # a loop on the host, before the mount
     host = run_layermount("which", tmp_path / "host-loop/x")

@@ -305,8 +305,9 @@ def _inside_mount(path: str, mountpoint: str, rest: str) -> MountPath:
 
 def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
     """The host path ``rest`` reaches below ``root``, resolved as if ``root`` were ``/``. Where it
-    leads nowhere (a missing name, a dangling symlink, one into /proc) the longest part that
-    resolves is taken and the rest kept as written, so ``which`` can tell what hid it."""
+    leads nowhere (a missing name, a dangling symlink) the longest part that
+    resolves is taken and the rest kept as written, so ``which`` can tell what hid it; a symlink
+    loop is an error."""
     parts = [part for part in rest.split("/") if part]
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -314,8 +315,8 @@ def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
             try:
                 fd = safepath.open_in_root(root_fd, os.fsencode("/".join(parts[:cut])), os.O_PATH)
             except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES) or cut == 0:
-                    raise UsageError(f"{path}: {exc.strerror}") from None
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES) or cut == 0:
+                    raise UsageError(f"{path}: {exc.strerror} (in the image)") from None
                 continue
             try:
                 reached = os.readlink(f"/proc/self/fd/{fd}")

@@ -88,12 +88,20 @@ class Tree:
             layer = self.layers[winner.layer_index]
             override = read_override(winner.fd, name) if layer.rootless else None
             attr = Attr(winner.entries[name].stat(follow_symlinks=False), override)
-            children[name] = Child(name, tuple(copies[p].layer_index for p in entry.sources), attr)
+            children[name] = Child(name, self._down_to_opaque(copies, entry.sources, name), attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:
             node.lower_names = set(children)
         return children
+
+    def _down_to_opaque(self, copies: list[_Copy], positions: list[int], name: bytes) -> tuple[int, ...]:
+        """The layers of a child, ending at its first opaque copy (nlink and copy-up tell merged from not)."""
+        sources = tuple(copies[p].layer_index for p in positions)
+        for count, position in enumerate(positions[:-1], 1):
+            if self.layers[copies[position].layer_index].is_opaque_dir(copies[position].fd, name):
+                return sources[:count]
+        return sources
 
     # ---- attributes -------------------------------------------------------------
     def refresh(self, child: Child, parent: Node | None) -> Attr:
