@@ -95,7 +95,7 @@ class Tree:
             node.lower_names = set(children)
         return children
 
-    def _down_to_opaque(self, copies: list[_Copy], positions: list[int], name: bytes) -> tuple[int, ...]:
+    def _down_to_opaque(self, copies: list[_Copy], positions: tuple[int, ...], name: bytes) -> tuple[int, ...]:
         """The layers of a child, ending at its first opaque copy (nlink and copy-up tell merged from not)."""
         sources = tuple(copies[p].layer_index for p in positions)
         for count, position in enumerate(positions[:-1], 1):

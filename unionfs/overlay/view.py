@@ -144,8 +144,8 @@ class MergedView:
     # ---- changes ----------------------------------------------------------------------------
     async def copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Bring a file into the upper before it is written, the data of a large one in a worker thread."""
-        self._links.names_changed()
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
+        self._links.names_changed()     # after: a count may be asked while the data is copied
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         self._links.names_changed()
