@@ -285,6 +285,7 @@ def find_mount(path: str) -> MountPath:
         current = candidate
     if current not in points:
         raise UsageError(f"{path}: not inside a layermount mount")
+    _trusted(current)     # before any path is resolved through its daemon
     return _inside_mount(path, current, "/".join(pending))
 
 
@@ -330,6 +331,15 @@ def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
     return os.path.join(reached, *parts[cut:])
 
 
+def _trusted(mountpoint: str) -> None:
+    """Only a mount of this user's or root's is asked anything (its layers, a path's resolution)."""
+    owner = mount_owner(mountpoint)
+    if owner not in (0, os.geteuid()):
+        who = "nobody known" if owner is None else f"uid {owner}"
+        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
+                         f"trusted (give the upper directory itself)")
+
+
 def mount_stack(mountpoint: str) -> list[dict]:
     """The layers of a mount, top first, as its daemon tells them.
 
@@ -337,11 +347,7 @@ def mount_stack(mountpoint: str) -> list[dict]:
     daemon that calls itself layermount and names root-only directories as
     its layers, for root's ``commit`` to tar.
     """
-    owner = mount_owner(mountpoint)
-    if owner not in (0, os.geteuid()):
-        who = "nobody known" if owner is None else f"uid {owner}"
-        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
-                         f"trusted (give the upper directory itself)")
+    _trusted(mountpoint)
     try:
         stack = json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
     except OSError as exc:
