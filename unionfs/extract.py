@@ -69,8 +69,8 @@ class ExtractStats:
 def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bool | None = None) -> ExtractStats:
     """Unpack the uncompressed layer tar ``tar_stream`` into the existing empty directory ``dest``.
 
-    The stream is read forward only and left open, unread past the archive's
-    end, for the caller to hash and drain. Raises UnsafeArchive for a member
+    The stream is read forward only, at most CHUNK bytes past the archive's
+    end, and left open for the caller to hash and drain. Raises UnsafeArchive for a member
     that would escape ``dest`` or is otherwise hostile, ImageError for a
     corrupt tar; OSError only for failures of the destination filesystem.
     """
@@ -78,7 +78,7 @@ def extract_layer(tar_stream: BinaryIO, dest: str | os.PathLike, *, rootless: bo
         rootless = os.geteuid() != 0
     extractor = _Extractor(dest, rootless)
     try:
-        tar = _read_tar(lambda: tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=_StrictTarInfo))
+        tar = _read_tar(lambda: tarfile.open(fileobj=_ForwardReader(tar_stream), mode="r:", tarinfo=_StrictTarInfo))
         with contextlib.closing(tar):
             for member in _members(tar):
                 extractor.add(tar, member)
@@ -173,6 +173,61 @@ class _StrictTarInfo(tarfile.TarInfo):
         if self.type in EXTENDED_HEADER_TYPES and self.size > MAX_EXTENDED_HEADER:
             raise ImageError(f"corrupt tar at byte {self.offset}: extended header of {self.size} bytes")
         return super()._proc_member(tar)
+
+
+class _ForwardReader:
+    """A forward-only stream as tarfile's file mode ("r:") reads one: whole reads, tell, seeks ahead.
+
+    Its stream mode ("r|") would pass every byte through 10 KiB records and
+    a copy; this serves headers and data as slices of the stream's own chunks.
+    A seek back is refused, so nothing can be read twice.
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._buffer = b""
+        self._offset = 0           # of the next byte in _buffer
+        self._start = 0            # stream position of _buffer[0]
+
+    def tell(self) -> int:
+        return self._start + self._offset
+
+    def read(self, size: int) -> bytes:
+        end = self._offset + size
+        if end <= len(self._buffer):
+            data = self._buffer[self._offset:end]
+            self._offset = end
+            return data
+        parts = [self._buffer[self._offset:]]
+        self._take(size - len(parts[0]), parts)
+        return b"".join(parts)
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or position < self.tell():
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        skip = position - self.tell()
+        if self._offset + skip <= len(self._buffer):
+            self._offset += skip
+        else:
+            self._take(skip - (len(self._buffer) - self._offset), None)
+        return self.tell()
+
+    def _take(self, wanted: int, parts: list[bytes] | None) -> None:
+        """Move past the buffer and ``wanted`` more bytes of the stream, keeping them in ``parts`` if given."""
+        self._start += len(self._buffer)
+        self._buffer, self._offset = b"", 0
+        while wanted > 0:
+            chunk = self._stream.read(CHUNK)
+            if not chunk:
+                return
+            if len(chunk) > wanted:
+                self._buffer, self._offset = chunk, wanted
+                chunk = chunk[:wanted]
+            else:
+                self._start += len(chunk)
+            if parts is not None:
+                parts.append(chunk)
+            wanted -= len(chunk)
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -330,11 +385,14 @@ class _Extractor:
         segments = _data_segments(member)
         if not segments and member.sparse is None:
             return
-        # The raw reader reads at positions and makes no bytes for holes, so a
-        # sparse member's holes stay holes (and a huge one costs nothing).
-        source = tar.extractfile(member).raw
+        if member.sparse is None:
+            source, base = tar.fileobj, member.offset_data
+        else:
+            # The raw reader reads at positions and makes no bytes for holes, so a
+            # sparse member's holes stay holes (and a huge one costs nothing).
+            source, base = tar.extractfile(member).raw, 0
         for offset, length in segments:
-            source.seek(offset)
+            source.seek(base + offset)
             os.lseek(fd, offset, os.SEEK_SET)
             while length:
                 chunk = _read_tar(lambda: source.read(min(CHUNK, length)), "in", member)

@@ -35,6 +35,7 @@ from .extract import extract_layer
 from .hashing import HashingReader
 from .image.compression import open_decompressed
 from .image.model import Image, LayerRef
+from .readahead import ReadAhead
 
 SHA256 = "sha256:"
 
@@ -309,8 +310,10 @@ class LayerStore:
             compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, "Extracting", done, ref.size))
             uncompressed = HashingReader(open_decompressed(compressed))
             try:
-                stats = extract_layer(uncompressed, diff_dir)
-                uncompressed.drain()
+                # Reading, hashing and decompressing run in a thread beside the extraction.
+                with ReadAhead(uncompressed) as tar_stream:
+                    stats = extract_layer(tar_stream, diff_dir)
+                    tar_stream.drain()
                 compressed.drain()
             except ImageError as exc:
                 prefixed = type(exc)(f"{label}: {exc}")
