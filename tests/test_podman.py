@@ -84,13 +84,14 @@ def build_image(path: Path, helper: Path) -> Path:
 class Client:
     """podman and buildah on one private storage root with one mount_program."""
 
-    def __init__(self, base: Path, program: str, storage_conf: Path | None = None):
+    def __init__(self, base: Path, program: str, storage_conf: Path | None = None, storage_opts: tuple = ()):
         """Storage named on every command line, or by ``storage_conf`` (CONTAINERS_STORAGE_CONF)."""
         self.base = base
         self.program = program
         self.storage = [] if storage_conf else [
             "--root", str(base / "root"), "--runroot", str(base / "runroot"),
-            "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
+            "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}",
+            *[arg for opt in storage_opts for arg in ("--storage-opt", opt)]]
         conf = base / "containers.conf"
         conf.write_text(CONTAINERS_CONF + PRIVATE_DIRS.format(base=base))
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
@@ -154,9 +155,10 @@ def image_tar(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def loaded_client(base: Path, program: str, image_tar: Path, storage_conf: Path | None = None):
+def loaded_client(base: Path, program: str, image_tar: Path, storage_conf: Path | None = None,
+                  storage_opts: tuple = ()):
     """A client whose storage holds the test image; everything removed at the end, failure or not."""
-    client = Client(base, program, storage_conf)
+    client = Client(base, program, storage_conf, storage_opts)
     try:
         loaded = client.podman("load", "-i", image_tar)
         assert f"Loaded image: {IMAGE}" in loaded.stdout
@@ -169,7 +171,11 @@ def loaded_client(base: Path, program: str, image_tar: Path, storage_conf: Path 
 
 
 def short_temp_dir(name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"lm-{name[:5]}-"))   # podman wants a runroot of <= 50 characters
+    """podman wants a runroot of <= 50 characters; a container in a user namespace (--uidmap) must
+    be able to pass through to its root, as through /var/lib/containers."""
+    path = Path(tempfile.mkdtemp(prefix=f"lm-{name[:5]}-"))
+    path.chmod(0o711)
+    return path
 
 
 @pytest.fixture(scope="module", params=["layermount", "fuse-overlayfs"])
@@ -325,3 +331,90 @@ def test_readme_storage_conf_as_written(image_tar):
     with loaded_client(base, str(wrapper), image_tar, storage_conf=base / "storage.conf") as client:
         assert root_fstype(client) == "fuse.layermount"
         assert run_in(client, IMAGE, "cat", "/srv/hello.txt").stdout == "hello from layer 3\n"
+
+
+
+UIDMAP = ("--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536")
+NO_IDMAPPED_LOWERS = "idmapped-lower-dir-false"
+
+
+@pytest.fixture(scope="module", params=["layermount", "fuse-overlayfs"])
+def mapped_client(request, image_tar):
+    """A client whose containers/storage shifts ids through the mount program alone.
+
+    containers/storage 1.43 (Debian 12's podman 4.3), on a kernel with idmapped mounts, hands the
+    mount program idmapped copies of the lower layers *and* uidmapping=: every id is shifted
+    twice, the image's files show as nobody inside and runc cannot make /etc/hosts, with
+    fuse-overlayfs exactly as with layermount. Its feature cache in the run root, written
+    before the first mount, tells it to leave the shifting to the mount program's
+    uidmapping=/gidmapping=, which is what this test is about.
+    """
+    base = short_temp_dir(f"m{request.param}")
+    (base / "runroot" / "overlay").mkdir(parents=True)
+    (base / "runroot" / "overlay" / NO_IDMAPPED_LOWERS).write_text("left to the mount program\n")
+    program = str(layermount_wrapper(base)) if request.param == "layermount" else shutil.which("fuse-overlayfs")
+    with loaded_client(base, program, image_tar) as client:
+        yield client
+
+
+OWNERS = "stat -c '%u:%g %n' /srv/hello.txt /srv/www/index /srv/secret /etc"
+
+
+def test_run_with_a_uid_map_shows_the_images_owners_inside(mapped_client):
+    """--uidmap 0:100000:65536: root's files are root's inside and www-data's are www-data's; root inside
+    writes and reads where root may. The host sees the mount with host ids (root inside is 100000);
+    the upper keeps the container's own ids, like the image layers, so a commit needs no shifting."""
+    client = mapped_client
+    name = f"mapped-{Path(client.program).name}"
+    client.podman("create", "--name", name, "--network", "none", *UIDMAP, IMAGE, "sh", "-c",
+                  OWNERS + "; echo new > /srv/new; stat -c '%u:%g %n' /srv/new; cat /srv/secret; id -u; "
+                  "grep -w 0 /proc/self/uid_map | tr -s ' '")
+    try:
+        result = client.podman("start", "-a", name)
+        assert result.stdout.splitlines() == ["0:0 /srv/hello.txt", "33:33 /srv/www/index", "0:0 /srv/secret",
+                                              "0:0 /etc", "0:0 /srv/new", "root only", "0", " 0 100000 65536"]
+        upper = Path(client.podman("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name).stdout.strip())
+        assert (os.lstat(upper / "srv" / "new").st_uid, os.lstat(upper / "srv" / "new").st_gid) == (0, 0)
+        root = Path(client.podman("mount", name).stdout.strip())
+        try:
+            assert [os.lstat(root / path).st_uid for path in ("srv/new", "srv/www/index")] == [100000, 100033]
+        finally:
+            client.podman("unmount", name)
+    finally:
+        client.podman("rm", "-f", name, check=False)
+    assert run_in(client, *UIDMAP, IMAGE, "stat", "-c", "%u", "/srv/www").stdout == "33\n"
+    assert not [point for point in client.mounts_below() if point.endswith("/merged")]
+
+
+def test_force_mask_keeps_owners_and_modes_in_xattrs(image_tar):
+    """overlay.force_mask=shared: containers/storage unpacks every layer 0755 with the real owner and
+    mode in user.containers.override_stat and mounts with xattr_permissions=2. Inside, owners and
+    modes are the image's (a 0600 file stays closed to a non-root user); what the container
+    creates is 0755 on disk, its real mode in the upper's user.fuseoverlayfs.override_stat.
+
+    fuse-overlayfs 1.10 cannot run this: every stat of an entry without the xattr (the upper's
+    directories podman makes) fails with ENODATA, so this test is layermount's alone.
+    (containers/storage 1.43 records only the 0777 bits there, so /tmp is 777 and the setuid helper
+    0755: neither is the mount's doing, and the helper is not tried.)
+    """
+    base = short_temp_dir("mask")
+    wrapper = layermount_wrapper(base)
+    with loaded_client(base, str(wrapper), image_tar, storage_opts=("overlay.force_mask=shared",)) as client:
+        shown = run_in(client, "--user", "1000:1000", IMAGE, "sh", "-c",
+                       "stat -c '%u:%g %a %n' /srv/hello.txt /srv/www/index /srv/secret /tmp; "
+                       "cat /srv/secret || echo closed", check=False)
+        assert shown.stdout.splitlines() == ["0:0 644 /srv/hello.txt", "33:33 644 /srv/www/index",
+                                             "0:0 600 /srv/secret", "0:0 777 /tmp", "closed"]
+        name = "masked"
+        client.podman("run", "--name", name, "--network", "none", IMAGE, "sh", "-c",
+                      "echo x > /srv/new; chmod 600 /srv/new; mkdir -m 700 /srv/d; chown 33:33 /srv/d; "
+                      "stat -c '%u:%g %a %n' /srv/new /srv/d")
+        try:
+            assert client.podman("start", "-a", name).stdout.splitlines() == ["0:0 600 /srv/new", "33:33 700 /srv/d"]
+            upper = Path(client.podman("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name).stdout.strip())
+            for path, record in (("srv/new", b"0:0:0100600"), ("srv/d", b"33:33:040700")):
+                st = os.lstat(upper / path)
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+                assert os.getxattr(upper / path, "user.fuseoverlayfs.override_stat") == record
+        finally:
+            client.podman("rm", "-f", name, check=False)
