@@ -418,3 +418,116 @@ def test_force_mask_keeps_owners_and_modes_in_xattrs(image_tar):
                 assert os.getxattr(upper / path, "user.fuseoverlayfs.override_stat") == record
         finally:
             client.podman("rm", "-f", name, check=False)
+
+
+# ---- rootless podman ------------------------------------------------------------------------
+
+ROOTLESS_USER = "lmrootless"
+
+
+def python_for_others() -> list[str] | None:
+    """(Python, site-packages) with this venv's packages that any user may run, or None.
+
+    The venv's own interpreter may live where only root can go (here: pyenv under /root); the
+    system Python of the same version takes the venv's site-packages then.
+    """
+    import sysconfig
+    packages = sysconfig.get_paths()["purelib"]
+    for python in (sys.executable, f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"):
+        if os.path.exists(python) and reachable_by_others(Path(os.path.realpath(python))) \
+                and reachable_by_others(Path(packages)) and reachable_by_others(REPO):
+            return [python, packages]
+    return None
+
+
+def reachable_by_others(path: Path) -> bool:
+    """Every directory on the way searchable, and the end readable, by a user with no privilege
+    (a rootless container's user namespace has none over root's files)."""
+    if not path.exists():
+        return False
+    if not all(os.stat(parent).st_mode & 0o001 for parent in path.parents):
+        return False
+    return os.stat(path).st_mode & 0o005 == 0o005
+
+
+@pytest.fixture(scope="module")
+def rootless_user(image_tar):
+    """A user made for the test with /etc/subuid and /etc/subgid ranges (useradd gives them), a home
+    and a runtime dir; /dev/fuse usable by others. All of it goes afterwards, with the user's
+    processes (podman's pause process) and storage."""
+    reason = python_for_others()
+    if reason is None:
+        pytest.skip("no Python with pyfuse3 and trio that an unprivileged user may run")
+    if not all(os.stat(f"/usr/bin/{tool}").st_mode & stat.S_ISUID for tool in ("newuidmap", "newgidmap")):
+        pytest.skip("rootless podman needs setuid newuidmap/newgidmap (Debian package uidmap)")
+    if subprocess.run(["id", ROOTLESS_USER], capture_output=True).returncode == 0:
+        pytest.skip(f"a user {ROOTLESS_USER} exists already; it is not this test's to use")
+    python, packages = reason
+    share = Path(tempfile.mkdtemp(prefix="lm-rl-"))
+    share.chmod(0o755)
+    home = share / "home"
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    subprocess.run(["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/sh", ROOTLESS_USER], check=True)
+    try:
+        uid = int(subprocess.run(["id", "-u", ROOTLESS_USER], capture_output=True, text=True, check=True).stdout)
+        if ROOTLESS_USER + ":" not in Path("/etc/subuid").read_text():
+            pytest.skip("useradd gave the user no /etc/subuid range (SUB_UID_COUNT in /etc/login.defs)")
+        runtime = Path(f"/run/user/{uid}")
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(runtime, uid, uid)
+        os.chmod("/dev/fuse", 0o666)
+        wrapper = share / "layermount"
+        wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO}:{packages} exec {python} -P -m unionfs \"$@\"\n")
+        wrapper.chmod(0o755)
+        shutil.copy(image_tar, share / "image.tar")
+        (share / "image.tar").chmod(0o644)
+        (share / "containers.conf").write_text(CONTAINERS_CONF)
+        (share / "containers.conf").chmod(0o644)
+        yield {"uid": uid, "home": home, "runtime": runtime, "share": share, "layermount": str(wrapper)}
+    finally:
+        os.chmod("/dev/fuse", fuse_mode)
+        for proc in Path("/proc").iterdir():       # the user's own processes only: podman's pause process
+            with contextlib.suppress(OSError, ValueError):
+                if proc.name.isdigit() and proc.stat().st_uid == uid:
+                    os.kill(int(proc.name), 9)
+        subprocess.run(["userdel", "--remove", ROOTLESS_USER], capture_output=True)
+        for point in sorted((p for p, _ in mount_entries() if p.startswith(f"{share}/")), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        shutil.rmtree(share, ignore_errors=True)
+        shutil.rmtree(f"/run/user/{uid}", ignore_errors=True)
+
+
+def as_rootless(user: dict, program: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """podman as the test user, with a storage of its own per mount program."""
+    home, name = user["home"], Path(program).name
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "XDG_RUNTIME_DIR": str(user["runtime"]),
+           "CONTAINERS_CONF": str(user["share"] / "containers.conf")}
+    command = ["setpriv", f"--reuid={user['uid']}", f"--regid={user['uid']}", "--init-groups", "podman",
+               "--root", home / f"root-{name}", "--runroot", user["runtime"] / f"run-{name}",
+               "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}",
+               "--cgroup-manager", "cgroupfs", "--events-backend", "file", *args]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, cwd=home, timeout=180)
+    if check:
+        assert result.returncode == 0, f"podman {' '.join(map(str, args))}: {result.stderr.strip()}"
+    return result
+
+
+@pytest.mark.parametrize("program", ["layermount", "fuse-overlayfs"])
+def test_rootless_podman_run_rm_and_a_non_root_user(rootless_user, program):
+    """Rootless podman runs the mount program inside its user namespace: load, run --rm printing
+    and writing, --user 33:33 reading and writing where www-data may, and nothing left behind."""
+    program = rootless_user["layermount"] if program == "layermount" else shutil.which("fuse-overlayfs")
+    assert f"Loaded image: {IMAGE}" in as_rootless(rootless_user, program, "load", "-i",
+                                                   rootless_user["share"] / "image.tar").stdout
+    result = as_rootless(rootless_user, program, "run", "--rm", "--network", "none", IMAGE, "sh", "-c",
+                         "cat /srv/hello.txt; echo new > /srv/new; cat /srv/new; id -u; cat /proc/self/mountinfo")
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["hello from layer 3", "new", "0"]
+    root = next(line.split() for line in lines[3:] if line.split()[4] == "/")
+    assert root[root.index("-") + 1] == fstype_of(program)
+    access = as_rootless(rootless_user, program, "run", "--rm", "--network", "none", "--user", "33:33", IMAGE,
+                         "sh", "-c", CHECK_ACCESS, check=False)
+    assert access.stdout.splitlines() == ["uid=33(www-data) gid=33(www-data) groups=33(www-data)", "www", "mine",
+                                          "no-secret", "no-write", "hello from layer 3"]
+    assert as_rootless(rootless_user, program, "ps", "-aq").stdout == ""
+    assert not [point for point, _ in mount_entries() if point.startswith(f"{rootless_user['home']}/")]

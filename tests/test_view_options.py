@@ -183,20 +183,6 @@ def test_a_layer_marked_as_force_mask_unpacks_it_is_read_through_its_xattr(dirs,
             assert os.listxattr(point / "a") == []
 
 
-def test_an_override_on_a_file_of_another_user_is_not_believed(dirs, mounts):
-    """Attack: a user who owns a file in a layer sets the override xattr on it (anyone may set user.*
-    on their own files) to claim setuid root; only entries of the daemon's user or root may claim."""
-    lower = dirs / "lower"
-    os.setxattr(lower, "user.containers.override_stat", b"0:0:0755")
-    os.chmod(lower / "c", 0o755)
-    os.setxattr(lower / "c", "user.containers.override_stat", b"0:0:04755")   # c belongs to uid 70000
-    os.setxattr(lower / "a", "user.containers.override_stat", b"0:0:04755")   # a belongs to root
-    with mounted("layermount", dirs, "", mounts) as point:
-        st = os.stat(point / "c")
-        assert (st.st_uid, st.st_mode & 0o7777) == (70000, 0o755)
-        assert os.stat(point / "a").st_mode & 0o7777 == 0o4755
-
-
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_noxattrs_answers_every_xattr_call_not_supported(dirs, mounts, program):
     """fuse-overlayfs 1.10 still lets removexattr through; layermount refuses it too."""
