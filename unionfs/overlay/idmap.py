@@ -9,6 +9,10 @@ A stored id outside every range is shown as the overflow id; a new entry made
 by a caller outside them is stored as the overflow id (both as fuse-overlayfs);
 a chown to an id outside them is refused with EINVAL, not stored as another id.
 Squashing (``squash_to_*``) changes what is shown only, never what is stored.
+
+Where an upper stores an owner is the other half: on the inode, or, with
+``xattr_permissions=`` (containers/storage's ``force_mask``), in fuse-overlayfs'
+override xattr, the inode left 0755 and the daemon's.
 """
 
 from __future__ import annotations
