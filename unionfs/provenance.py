@@ -77,6 +77,8 @@ def _resolve(view: MergedView, relpath: str) -> tuple[list[int], tuple[int, str]
         child = view.listing(node).get(os.fsencode(part))
         if child is None:
             return [], _first_blocker(view, "/".join(parts[:depth]), part, node.sources)
+        if depth < len(parts) - 1 and not child.attr.is_dir:
+            return [], None    # a symlink or file on the way: nothing below it (the mount never follows one)
         node = view.remember(node, child)
     return list(node.sources), None
 
@@ -148,6 +150,10 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
                 lines.append(f"  => {path} does not exist in the merged view")
                 return lines
             child_node = view.remember(node, child)
+            if depth < len(parts) - 1 and not child.attr.is_dir:
+                lines.append(f"  => {path} is no directory here: {'/'.join(parts[depth + 1:])} below it does not "
+                             f"exist in the merged view")
+                return lines
             if child.attr.is_dir:
                 view.listing(child_node)   # an opaque copy below cuts the merge short here
             winner = _label(view, child.sources[0])

@@ -75,10 +75,6 @@ class Layer:
             return safepath.open_beneath(self.root_fd, relpath, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None     # a symlink there: this layer has no directory of that name
-            raise
 
     def lstat(self, relpath: bytes) -> os.stat_result | None:
         """lstat of a path beneath the layer root, or None where the layer has nothing there."""

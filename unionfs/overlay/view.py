@@ -6,6 +6,7 @@ this class, and this class only; the rooms behind it can change freely.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -210,8 +211,14 @@ class MergedView:
         return self.tree.node_of(parent, child)
 
     def layer_listing(self, index: int, relpath: bytes) -> DirListing | None:
-        """One layer's copy of a directory, classified by the very code the merge uses."""
-        return self.layers[index].listing_of(relpath)
+        """One layer's copy of a directory, classified by the very code the merge uses; None where
+        it has none (a symlink there too: a layer's symlink is never followed)."""
+        try:
+            return self.layers[index].listing_of(relpath)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise
 
     def layer_lstat(self, index: int, relpath: bytes) -> os.stat_result | None:
         """lstat of a path in one layer (beneath its root), or None where it has nothing."""
