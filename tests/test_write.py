@@ -412,9 +412,6 @@ COPY_UP_TOUCHES_PARENT = ("copy-up of a child sets its upper parent's mtime, whi
                           "(upper.py StagedCopy.publish, make_dir_like, copy_special_in)")
 PARTNER_LINK_TOUCHES_PARENT = ("linking a copied-up file's hardlink partners into the upper sets their parents' "
                                "mtime (overlay.py MergedView._copy_up_other_names)")
-OPAQUE_DIR_SERVED_AS_MERGED = ("a directory made opaque over a lower one is served as merged, nlink 1, where the "
-                               "kernel gives its own count (overlay.py _build_listing trims a child's sources "
-                               "only when the child is listed; fuse_ops _child_entry caches the reply before)")
 OCI_OPAQUE_MARKER_TOUCHES_DIR = ("with --whiteout-format oci, writing the .wh..wh..opq marker into a directory "
                                  "(a renamed one, each one of a lower tree copied up by a rename) sets its mtime; "
                                  "the kernel's opaque xattr does not (upper.py UpperLayer.make_opaque)")
@@ -433,7 +430,7 @@ STEP_SCENARIOS = [   # (name, operations, aspects compared, marks: for both whit
     ("whiteout and hardlink at the root", [("unlink", "f"), ("link", "big", "big2"), ("stat", "big")],
      {"mtime", "nlink"}, ()),
     ("renamed lower directory knows its link count", [("rename", "d", "moved"), ("mkdir", "moved/x")],
-     {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),   # the fixture's opaque "o" shows it too
+     {"dir-nlink"}, ()),   # the fixture's opaque "o" shows it too
     ("chmod copies up a file in a lower directory", [("chmod", "d/f", 0o600)], {"mtime"},
      known_bug(COPY_UP_TOUCHES_PARENT)),
     ("append copies up a file at the root", [("write", "f", b"+", "ab"), ("read", "f")], {"mtime"},
@@ -453,7 +450,7 @@ STEP_SCENARIOS = [   # (name, operations, aspects compared, marks: for both whit
         "oci": known_bug(COPY_UP_TOUCHES_PARENT + "; and " + OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
     ("rename a new directory onto a deleted name", [("mkdir", "nd"), ("unlink", "f"), ("rename", "nd", "f")],
      {"mtime"}, {"oci": known_bug(OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
-    ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),
+    ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, ()),
     ("hardlink partner deleted", [("unlink", "hl2"), ("stat", "hl1")], {"nlink"}, known_bug(HOST_NLINK_OF_LOWER_FILE)),
     ("fstat of a lower hardlink unlinked while open", [("unlink-open", "hl1")], {"nlink"},
      known_bug(HOST_NLINK_OF_LOWER_FILE)),
@@ -478,8 +475,7 @@ def each_known_bug(test):
     return test
 
 
-BOTH_FORMS_BUGS = [COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, OPAQUE_DIR_SERVED_AS_MERGED,
-                   HOST_NLINK_OF_LOWER_FILE]
+BOTH_FORMS_BUGS = [COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, HOST_NLINK_OF_LOWER_FILE]
 STEP_BY_STEP_FORMS = [pytest.param("overlay", marks=known_bug("; ".join(BOTH_FORMS_BUGS))),
                       pytest.param("oci", marks=known_bug("; ".join([*BOTH_FORMS_BUGS, OCI_OPAQUE_MARKER_TOUCHES_DIR])))]
 

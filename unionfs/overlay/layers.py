@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safepath
-from ..layerform import is_overlay_opaque, is_overlay_whiteout
+from ..layerform import OPAQUE_MARKER_BYTES, is_overlay_opaque, is_overlay_whiteout
 from .merge import DirListing
 
 
@@ -90,6 +90,23 @@ class Layer:
         if self.overlay_form and not listing.opaque:
             listing.opaque = is_overlay_opaque(dir_fd)
         return listing, entries
+
+    def is_opaque_dir(self, dir_fd: int, name: bytes) -> bool:
+        """Whether a subdirectory's copy here is opaque, as ``scan`` of it would say, without the scan:
+        a merged parent must know which layers its child directory really merges."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            try:
+                os.stat(OPAQUE_MARKER_BYTES, dir_fd=fd, follow_symlinks=False)
+                return True
+            except FileNotFoundError:
+                pass
+            return self.overlay_form and is_overlay_opaque(fd)
+        finally:
+            os.close(fd)
 
     def listing_of(self, relpath: bytes) -> DirListing | None:
         """The classified copy of one directory, or None where the layer has none."""

@@ -78,12 +78,23 @@ class Tree:
             layer = self.layers[winner.layer_index]
             override = read_override(winner.fd, name) if layer.rootless else None
             attr = Attr(winner.entries[name].stat(follow_symlinks=False), override)
-            children[name] = Child(name, tuple(copies[p].layer_index for p in entry.sources), attr)
+            children[name] = Child(name, self._merged_copies(copies, entry.sources, name), attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:
             node.lower_names = set(children)
         return children
+
+    def _merged_copies(self, copies: list[_Copy], positions: tuple[int, ...], name: bytes) -> tuple[int, ...]:
+        """The layers a child merges, down to its first opaque copy: known now, before any lookup,
+        so its very first reply says what it is (a directory of one layer has its own link count)."""
+        merged = []
+        for position in positions:
+            copy = copies[position]
+            merged.append(copy.layer_index)
+            if position != positions[-1] and self.layers[copy.layer_index].is_opaque_dir(copy.fd, name):
+                break
+        return tuple(merged)
 
     # ---- attributes -------------------------------------------------------------
     def refresh(self, child: Child, parent: Node | None) -> Attr:
