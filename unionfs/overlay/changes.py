@@ -131,12 +131,17 @@ class Changes:
         may have gone since the listing was built), and if this is a file's last name while
         the kernel still holds its inode, keep the file alive by an fd until FORGET, as a
         local filesystem keeps an unlinked inode (a /proc/self/fd reopen reaches it).
-        The fd also keeps the host from handing its inode number to a new file."""
+        The fd also keeps the host from handing its inode number to a new file. Out of fds,
+        the file goes at once (its number retired) rather than the removal failing."""
         child.attr = Attr(os.stat(child.name, dir_fd=dir_fd, follow_symlinks=False))
         node = self.tree.inodes.known(child.attr)
         if (node is not None and node.lookups > 0 and node.kept_fd is None
-                and not child.attr.is_dir and child.attr.nlink <= 1):
-            node.kept_fd = os.open(child.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                and stat.S_ISREG(child.attr.mode) and child.attr.nlink <= 1):
+            try:
+                node.kept_fd = os.open(child.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
 
     def _orphan(self, child: Child) -> None:
         inodes = self.tree.inodes
