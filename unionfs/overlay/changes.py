@@ -134,7 +134,8 @@ class Changes:
         local filesystem keeps an unlinked inode (a /proc/self/fd reopen reaches it).
         The fd also keeps the host from handing its inode number to a new file. Out of fds,
         the file goes at once (its number retired) rather than the removal failing."""
-        child.attr = Attr(os.stat(child.name, dir_fd=dir_fd, follow_symlinks=False))
+        st = os.stat(child.name, dir_fd=dir_fd, follow_symlinks=False)
+        child.attr = Attr(st, self.tree.layers[UPPER].override(dir_fd, child.name, st))
         node = self.tree.inodes.known(child.attr)
         if (node is not None and node.lookups > 0 and node.kept_fd is None
                 and stat.S_ISREG(child.attr.mode) and child.attr.nlink <= 1):
