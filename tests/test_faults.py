@@ -592,7 +592,10 @@ def test_upper_made_read_only_behind_the_daemon_gives_erofs_and_recovers(tmpfs, 
     point = mounts.mount(image, "--upper", fs / "up", "-q")
     pid = daemon_pid(str(point))
     (point / "before").write_bytes(b"written before")
-    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    # The kernel sends RELEASE after close(2) returns: until the daemon closes its write fd,
+    # remounting read-only is EBUSY.
+    assert wait_until(lambda: subprocess.run(["mount", "-o", "remount,ro", str(fs)],
+                                             capture_output=True).returncode == 0), "the upper stayed busy"
     try:
         expect_errno(errno.EROFS, lambda: (point / "new").write_bytes(b"x"))
         expect_errno(errno.EROFS, lambda: open(point / "etc/passwd", "ab"))

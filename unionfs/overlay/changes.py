@@ -121,11 +121,30 @@ class Changes:
         self.tree.refresh(child, parent)   # its link count now says whether this is its last name
         with _closing(self.copyup.upper_dir_fd(parent)) as fd:
             if child.in_upper:
+                self._keep_if_held(fd, child)
                 remove_tree_at(fd, child.name)
             if child.name in parent.lower_names:
                 self.upper.make_whiteout(fd, child.name)
         del self.tree.listing(parent)[child.name]
         self._orphan(child)
+
+    def _keep_if_held(self, dir_fd: int, child: Child) -> None:
+        """Before an upper entry loses a name: read its link count afresh (a hardlink partner
+        may have gone since the listing was built), and if this is a file's last name while
+        the kernel still holds its inode, keep the file alive by an fd until FORGET, as a
+        local filesystem keeps an unlinked inode (a /proc/self/fd reopen reaches it).
+        The fd also keeps the host from handing its inode number to a new file. Out of fds,
+        the file goes at once (its number retired) rather than the removal failing."""
+        st = os.stat(child.name, dir_fd=dir_fd, follow_symlinks=False)
+        child.attr = Attr(st, self.tree.layers[UPPER].override(dir_fd, child.name, st))
+        node = self.tree.inodes.known(child.attr)
+        if (node is not None and node.lookups > 0 and node.kept_fd is None
+                and stat.S_ISREG(child.attr.mode) and child.attr.nlink <= 1):
+            try:
+                node.kept_fd = os.open(child.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
 
     def _orphan(self, child: Child) -> None:
         """A name is gone: its node loses it, and a host inode gone with its last name is retired."""
@@ -133,8 +152,9 @@ class Changes:
         node = inodes.known(child.attr)
         if node is not None:
             node.detach(child)
-        if child.in_upper and (child.attr.is_dir or child.attr.nlink <= 1):
-            inodes.retire(child.attr)
+        kept = node is not None and node.kept_fd is not None
+        if child.in_upper and not kept and (child.attr.is_dir or child.attr.nlink <= 1):
+            inodes.retire(child.attr)   # a kept file's number is retired when its fd goes, at FORGET
 
     # ---- renames ------------------------------------------------------------------------
     def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
@@ -171,9 +191,11 @@ class Changes:
         upper = self.upper
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:
-            if target is not None and target.in_upper and target.attr.is_dir:
-                with _closing(_open_child_dir(new_fd, new_name)) as emptied:
-                    upper.clear_markers(emptied)
+            if target is not None and target.in_upper:
+                self._keep_if_held(new_fd, target)
+                if target.attr.is_dir:
+                    with _closing(_open_child_dir(new_fd, new_name)) as emptied:
+                        upper.clear_markers(emptied)
             upper.remove_whiteout(new_fd, new_name)
             if source.attr.is_dir and new_name in new_parent.lower_names:
                 self._make_opaque(old_fd, name)   # before the move, so a failure leaves nothing half done

@@ -11,6 +11,7 @@ is numbered by the table.
 from __future__ import annotations
 
 import errno
+import os
 
 from .nodes import Attr, Child, Node
 
@@ -120,3 +121,8 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[ino]
+            if node.kept_fd is not None:
+                # The kernel let go of a removed file: now it may really go, and its number with it.
+                os.close(node.kept_fd)
+                node.kept_fd = None
+                self.retire(node.attr)

@@ -67,7 +67,8 @@ class Child:
 class Node:
     """An inode the kernel knows: where it sits in the tree; its Child says what it is."""
 
-    __slots__ = ("ino", "parent", "child", "others", "lookups", "listing", "lower_names", "unlinked")
+    __slots__ = ("ino", "parent", "child", "others", "lookups", "listing", "lower_names", "unlinked",
+                 "kept_fd")
 
     def __init__(self, ino: int, parent: "Node | None", child: Child):
         self.ino = ino
@@ -78,6 +79,8 @@ class Node:
         # Names the lower layers show here; removing one of them needs a whiteout.
         self.lower_names: set[bytes] = set()
         self.unlinked = False
+        # An O_PATH fd of an upper file whose last name went while the kernel held it (changes).
+        self.kept_fd: int | None = None
         # A hardlinked file is one node under several names; the others wait here
         # so the node still has a path when its first name goes.
         self.others: list[tuple[Node, Child]] = []

@@ -34,8 +34,10 @@ class OpenFiles:
 
     def reopen(self, node: Node, flags: int) -> int:
         """A deleted file has no path (its old name may be another file now): only what is
-        still open of it can be opened again."""
+        still open of it, or the fd that keeps it for the kernel, can be opened again."""
         fd = self.any_fd(node)
+        if fd is None:
+            fd = node.kept_fd
         if fd is None:
             raise OSError(errno.ENOENT, "deleted")
         again = os.open(f"/proc/self/fd/{fd}", flags & ~os.O_TRUNC | os.O_CLOEXEC)

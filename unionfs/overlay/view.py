@@ -103,6 +103,8 @@ class MergedView:
         """A node's attributes; a deleted file's live on in what is still open of it."""
         if node.unlinked:
             fd = self.files.any_fd(node)
+            if fd is None:
+                fd = node.kept_fd
             return Attr(os.fstat(fd)) if fd is not None else node.attr
         return self.tree.attr(node)
 
