@@ -16,7 +16,6 @@ import os
 from typing import NamedTuple
 
 import pyfuse3
-import trio
 
 from .overlay import Attr, AttrChange, Child, MergedView, Node, ViewRouter
 
@@ -138,7 +137,7 @@ class LayerOperations(pyfuse3.Operations):
         self._next_dir_handle = 1
         self._files = view.files
         self._entries = _Entries(self.views)
-        self._mutation = trio.Lock()
+        self._mutation = view.change_lock
 
     def close(self) -> None:
         self.views.close()
@@ -302,6 +301,7 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def link(self, inode, new_parent_inode, new_name, ctx):
         view, (node, new_parent) = self._changing(inode, new_parent_inode)
+        await view.copy_up(node)
         return self._entries.of_node(view, view.link(node, new_parent, new_name))
 
     @_change
@@ -317,6 +317,7 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         view, (parent, new_parent) = self._changing(parent_inode_old, parent_inode_new)
+        await view.copy_up_for_rename(parent, name_old, new_parent, name_new, flags)
         view.rename(parent, name_old, new_parent, name_new, flags)
 
     # ---- attribute changes -------------------------------------------------
@@ -335,6 +336,8 @@ class LayerOperations(pyfuse3.Operations):
             return self._entries.of_node(view, node)
         if not view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not node.unlinked and not (fh in self._files and node.child.in_upper):
+            await view.copy_up(node, with_data=change.size is None or change.size > 0)
         if node.unlinked:
             fd = fh if fh in self._files else self._files.any_fd(node)
             if fd is None:
@@ -342,19 +345,19 @@ class LayerOperations(pyfuse3.Operations):
             view.change_open_file(fd, change)
             return self._entries.of_node(view, node)
         own_fd = fh if fh in self._files and node.child.in_upper else None
-        if change.size is not None and own_fd is None:
-            await view.copy_up(node, with_data=change.size > 0)
         view.set_attributes(node, change, own_fd)
         return self._entries.of_node(view, node)
 
     @_change
     async def setxattr(self, inode, name, value, ctx):
         view, (node,) = self._changing(inode)
+        await view.copy_up(node)
         view.set_xattr(node, name, value)
 
     @_change
     async def removexattr(self, inode, name, ctx):
         view, (node,) = self._changing(inode)
+        await view.copy_up(node)
         view.remove_xattr(node, name)
 
     # ---- extended attributes ---------------------------------------------
@@ -381,3 +384,4 @@ class LayerOperations(pyfuse3.Operations):
                       "f_favail", "f_namemax"):
             setattr(data, field, getattr(st, field))
         return data
+

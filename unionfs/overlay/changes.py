@@ -162,7 +162,7 @@ class Changes:
 
     def _move(self, parent: Node, source: Child, new_parent: Node, new_name: bytes, target: Child | None) -> None:
         name = source.name
-        self.copyup.copy_up_whole(self.tree.node_of(parent, source))
+        self.copyup.check_whole(self.tree.node_of(parent, source))
         upper = self.upper
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:
@@ -183,7 +183,7 @@ class Changes:
 
     def _exchange(self, parent: Node, first: Child, new_parent: Node, second: Child) -> None:
         for owner, child in ((parent, first), (new_parent, second)):
-            self.copyup.copy_up_whole(self.tree.node_of(owner, child))
+            self.copyup.check_whole(self.tree.node_of(owner, child))
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:
             safepath.rename_exchange(old_fd, first.name, new_fd, second.name)

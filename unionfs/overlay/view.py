@@ -12,7 +12,7 @@ import os
 from ..layerform import PID_XATTR, PROVENANCE_XATTR, STACK_XATTR
 from . import content
 from .attributes import AttrChange, AttributeChanges, change_open_file
-from .changes import Changes
+from .changes import RENAME_EXCHANGE, Changes
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import Layer
@@ -131,9 +131,29 @@ class MergedView:
             os.fsync(self.upper.root_fd)
 
     # ---- changes ----------------------------------------------------------------------------
+    @property
+    def change_lock(self):
+        """Held by every change (the FUSE handlers take it); a copy-up's data copy lets go of it."""
+        return self._copyup.lock
+
     async def copy_up(self, node: Node, *, with_data: bool = True) -> None:
-        """Bring a file into the upper before it is written, the data of a large one in a worker thread."""
+        """Bring an entry into the upper before it changes, its data copied in a worker thread.
+
+        Every change that copies up goes through here first, so what it then
+        does on the calling thread finds the entry in the upper already.
+        """
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
+
+    async def copy_up_for_rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes,
+                                 flags: int) -> None:
+        """What a rename will move, brought wholly into the upper first (trees too)."""
+        moved = [(parent, name)]
+        if flags & RENAME_EXCHANGE:
+            moved.append((new_parent, new_name))
+        for owner, entry in moved:
+            child = self.tree.listing(owner).get(entry)
+            if child is not None:
+                await self._copyup.copy_up_whole(self.tree.node_of(owner, child))
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         return self._changes.create(parent, name, mode, flags, uid, gid)
