@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import pyfuse3
 
+from .layerform import STACK_XATTR
 from .overlay import Attr, AttrChange, Child, MergedView, Node, ViewRouter
 
 log = logging.getLogger("layermount")
@@ -29,6 +30,9 @@ UPPER_ATTR_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # What the kernel's open flags may carry through to the layer file; the rest (FMODE_EXEC,
 # O_LARGEFILE, O_CREAT ...) is the kernel's business, and openat2 refuses bits it does not know.
+# Shown only to root and the mount's owner: trusted.* is root's business (the kernel already
+# refuses to read it for others, but not to list it), and the stack names store paths.
+OWNER_ONLY_XATTR_PREFIXES = (b"trusted.", STACK_XATTR)
 PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
 
 
@@ -365,6 +369,8 @@ class LayerOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if self.views.is_virtual(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
+        if name.startswith(OWNER_ONLY_XATTR_PREFIXES) and not _owner_or_root(ctx):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         view, node = self.views.locate(inode)
         return view.xattr(node, name)
 
@@ -373,7 +379,10 @@ class LayerOperations(pyfuse3.Operations):
         if self.views.is_virtual(inode):
             return []
         view, node = self.views.locate(inode)
-        return view.xattr_names(node)
+        names = view.xattr_names(node)
+        if _owner_or_root(ctx):
+            return names
+        return [name for name in names if not name.startswith(OWNER_ONLY_XATTR_PREFIXES)]
 
     # ---- the filesystem --------------------------------------------------
     @_fuse_boundary
@@ -385,3 +394,7 @@ class LayerOperations(pyfuse3.Operations):
             setattr(data, field, getattr(st, field))
         return data
 
+
+def _owner_or_root(ctx) -> bool:
+    """Whether the process asking is root or the user who mounted (the daemon runs as them)."""
+    return ctx.uid in (0, os.getuid())
