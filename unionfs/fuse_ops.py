@@ -321,8 +321,7 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         view, (parent, new_parent) = self._changing(parent_inode_old, parent_inode_new)
-        await view.copy_up_for_rename(parent, name_old, new_parent, name_new, flags)
-        view.rename(parent, name_old, new_parent, name_new, flags)
+        await view.rename(parent, name_old, new_parent, name_new, flags)
 
     # ---- attribute changes -------------------------------------------------
     @_change

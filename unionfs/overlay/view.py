@@ -144,17 +144,6 @@ class MergedView:
         """
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
 
-    async def copy_up_for_rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes,
-                                 flags: int) -> None:
-        """What a rename will move, brought wholly into the upper first (trees too)."""
-        moved = [(parent, name)]
-        if flags & RENAME_EXCHANGE:
-            moved.append((new_parent, new_name))
-        for owner, entry in moved:
-            child = self.tree.listing(owner).get(entry)
-            if child is not None:
-                await self._copyup.copy_up_whole(self.tree.node_of(owner, child))
-
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         return self._changes.create(parent, name, mode, flags, uid, gid)
 
@@ -176,8 +165,18 @@ class MergedView:
     def rmdir(self, parent: Node, name: bytes) -> None:
         self._changes.rmdir(parent, name)
 
-    def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
-        """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+    async def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+
+        What it moves is first brought wholly into the upper (trees too), the data in worker threads.
+        """
+        moved = [(parent, name)]
+        if flags & RENAME_EXCHANGE:
+            moved.append((new_parent, new_name))
+        for owner, entry in moved:
+            child = self.tree.listing(owner).get(entry)
+            if child is not None:
+                await self._copyup.copy_up_whole(self.tree.node_of(owner, child))
         self._changes.rename(parent, name, new_parent, new_name, flags)
 
     def set_attributes(self, node: Node, change: AttrChange, open_fd: int | None = None) -> None:
