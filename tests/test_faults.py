@@ -592,7 +592,12 @@ def test_upper_made_read_only_behind_the_daemon_gives_erofs_and_recovers(tmpfs, 
     point = mounts.mount(image, "--upper", fs / "up", "-q")
     pid = daemon_pid(str(point))
     (point / "before").write_bytes(b"written before")
-    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    # The kernel sends FUSE's RELEASE after close() returns: until the daemon has closed its fd of
+    # "before", the tmpfs has a file open for writing and refuses to go read-only (EBUSY).
+    deadline = time.monotonic() + 10
+    while subprocess.run(["mount", "-o", "remount,ro", str(fs)], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "the upper's tmpfs stayed busy"
+        time.sleep(0.05)
     try:
         expect_errno(errno.EROFS, lambda: (point / "new").write_bytes(b"x"))
         expect_errno(errno.EROFS, lambda: open(point / "etc/passwd", "ab"))
