@@ -17,12 +17,16 @@ import stat
 from .. import layerform, safepath
 from ..fstree import remove_tree_at
 from ..layerform import HIDDEN_XATTR_PREFIXES, OCI, OVERLAY, whiteout_name_bytes
+from .idmap import record_owner
 
 COPY_CHUNK = 1 << 30
 
 
 class UpperLayer:
     """An upper directory and its work directory (same filesystem, so rename is atomic)."""
+
+    fsync_copies = True     # a copy-up reaches the disk before it is published; off for volatile mounts
+    override_xattr = None   # xattr_permissions: owners and modes kept in this xattr, not on the inodes
 
     def __init__(self, upper_path: str, work_path: str, whiteout_form: str = OCI):
         self.path = upper_path
@@ -102,7 +106,7 @@ class UpperLayer:
         try:
             fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.work_fd)
             try:
-                apply_metadata(fd, served, xattrs)
+                apply_metadata(fd, served, xattrs, self.override_xattr)
             finally:
                 os.close(fd)
             os.rename(temp, name, src_dir_fd=self.work_fd, dst_dir_fd=dest_dir_fd)
@@ -144,8 +148,9 @@ class StagedCopy:
     def run(self) -> None:
         if self.with_data:
             copy_data(self.source_fd, self.out_fd, self.served.size)
-        apply_metadata(self.out_fd, self.served, self.xattrs)
-        os.fsync(self.out_fd)
+        apply_metadata(self.out_fd, self.served, self.xattrs, self.upper.override_xattr)
+        if self.upper.fsync_copies:
+            os.fsync(self.out_fd)
 
     def publish(self, dest_dir_fd: int, dest_name: bytes, links: list[tuple[int, bytes]] = ()) -> None:
         """Put the copy in place under ``dest_name`` and every (dir fd, name) of ``links``, or nowhere.
@@ -228,13 +233,12 @@ def _copy_plainly(source_fd: int, dest_fd: int, start: int, end: int) -> None:
         start += len(chunk)
 
 
-def apply_metadata(fd: int, served, xattrs: dict[str, bytes]) -> None:
+def apply_metadata(fd: int, served, xattrs: dict[str, bytes], override_xattr: str | None = None) -> None:
     """Owner, mode (after chown, which clears setuid), xattrs, then times (last: the rest touch ctime only).
 
     ``served`` is the entry's attributes as the mount shows them (nodes.Attr).
     """
-    os.fchown(fd, served.uid, served.gid)
-    os.fchmod(fd, stat.S_IMODE(served.mode))
+    record_owner(fd, served.uid, served.gid, served.mode, override_xattr)
     for key, value in xattrs.items():
         with contextlib.suppress(OSError):
             os.setxattr(fd, key, value)
