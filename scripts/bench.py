@@ -5,6 +5,7 @@
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
   scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
   scripts/bench.py mount-ready [--quick]           mount to ready (median of 20 mounts), and where it goes
+  scripts/bench.py stall [--quick] [--json FILE]   chmod of a 2 GiB lower file: its time, others' longest wait
   scripts/bench.py pull [--quick] [--rate MB/S]    layermount pull vs skopeo copy to a layout + unpack of it
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -796,6 +798,62 @@ def bench_mount_ready(session: Session, mounters: list[Mounter], reps: int) -> R
         imports.samples.setdefault("layermount", []).append(python_seconds(MOUNT_PATH_IMPORTS))
     return results
 
+STALL_SIZE = 2 << 30
+
+
+def bench_stall(session: Session, mounters: list[Mounter], reps: int) -> Results:
+    """chmod of a 2 GiB lower file copies it up; meanwhile another thread opens and reads other
+    files (an open always reaches a FUSE daemon) and the longest wait of one of those is the stall."""
+    lower = session.scratch("stall-lower")
+    block = os.urandom(MiB)
+    with open(lower / "big.bin", "wb") as out:
+        for _ in range(STALL_SIZE // MiB):
+            out.write(block)
+    for index in range(100):
+        (lower / f"other-{index}").write_bytes(b"other")
+    results = Results(mounters)
+    results.row("chmod", "chmod of a 2 GiB lower file (copy-up)", "s")
+    results.row("stall", "  longest stall of other requests meanwhile", "s")
+
+    def stall_case(mounter):
+        scratch = session.scratch("stall")
+        upper, work = scratch / "upper", scratch / "work"
+        upper.mkdir()
+        work.mkdir()
+        try:
+            read_file(str(lower / "big.bin"), bytearray(MiB))      # the lower file's pages warm for all
+            with session.mounted(mounter, [lower], upper, work) as (point, _):
+                done, longest = threading.Event(), [0.0]
+
+                def probe():
+                    index = 0
+                    while not done.is_set():
+                        started = time.perf_counter()
+                        with open(point / f"other-{index % 100}", "rb") as handle:
+                            handle.read()
+                        longest[0] = max(longest[0], time.perf_counter() - started)
+                        index += 1
+
+                prober = threading.Thread(target=probe)
+                prober.start()
+                try:
+                    seconds, _ = timed(os.chmod, point / "big.bin", 0o600)
+                finally:
+                    done.set()
+                    prober.join()
+                size = os.stat(upper / "big.bin").st_size
+            if size != STALL_SIZE:
+                raise BenchError(f"wrong result: the copy has {size} bytes")
+            return {"chmod": (seconds, size), "stall": (longest[0], size)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    for rep in range(reps):
+        progress(f"repetition {rep + 1}/{reps}")
+        for mounter in mounters:
+            results.run_case(mounter, ["chmod", "stall"], lambda: stall_case(mounter))
+    return results
+
 
 class ThrottledProxy:
     """A TCP proxy to 127.0.0.1:``port`` that passes at most ``rate`` bytes a second towards the client
@@ -926,6 +984,7 @@ BENCHMARKS = {
     "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
     "mount-ready": (bench_mount_ready, "mount to ready, median of 20 mounts (5 with --quick)"),
+    "stall": (bench_stall, "chmod of a 2 GiB lower file while other files are read: the longest stall"),
 }
 
 

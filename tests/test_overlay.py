@@ -171,13 +171,13 @@ def test_a_new_directory_over_a_deleted_lower_one_is_opaque(stack, view):
 def test_rename_of_a_lower_directory_moves_its_tree_and_hides_the_old_name(stack, view):
     tmp_path, lowers = stack
     held = walk(view, "keep")
-    view.rename(view.root, b"keep", view.root, b"kept", 0)
+    trio.run(view.rename, view.root, b"keep", view.root, b"kept", 0)
     assert held.relpath == b"kept" and view.lookup(view.root, b"kept") is held
     assert (tmp_path / "upper/kept/a").read_bytes() == b"a"
     assert (tmp_path / "upper/.wh.keep").exists()
     assert b"keep" not in view.listing(view.root)
     with pytest.raises(OSError) as raised:
-        view.rename(view.root, b"etc", view.root, b"same", 0)
+        trio.run(view.rename, view.root, b"etc", view.root, b"same", 0)
     assert raised.value.errno == errno.ENOTDIR
 
 

@@ -16,8 +16,8 @@ import os
 from typing import NamedTuple
 
 import pyfuse3
-import trio
 
+from .layerform import STACK_XATTR
 from .overlay import Attr, AttrChange, Child, MergedView, Node, ViewRouter
 
 log = logging.getLogger("layermount")
@@ -30,6 +30,9 @@ UPPER_ATTR_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # What the kernel's open flags may carry through to the layer file; the rest (FMODE_EXEC,
 # O_LARGEFILE, O_CREAT ...) is the kernel's business, and openat2 refuses bits it does not know.
+# Shown only to root and the mount's owner: trusted.* is root's business (the kernel already
+# refuses to read it for others, but not to list it), and the stack names store paths.
+OWNER_ONLY_XATTR_PREFIXES = (b"trusted.", STACK_XATTR)
 PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT | os.O_NOATIME
 
 
@@ -141,7 +144,7 @@ class LayerOperations(pyfuse3.Operations):
         self._next_dir_handle = 1
         self._files = view.files
         self._entries = _Entries(self.views)
-        self._mutation = trio.Lock()
+        self._mutation = view.change_lock
 
     def close(self) -> None:
         self.views.close()
@@ -310,6 +313,7 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def link(self, inode, new_parent_inode, new_name, ctx):
         view, (node, new_parent) = self._changing(inode, new_parent_inode)
+        await view.copy_up(node)
         return self._entries.of_node(view, view.link(node, new_parent, new_name))
 
     @_change
@@ -325,7 +329,7 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         view, (parent, new_parent) = self._changing(parent_inode_old, parent_inode_new)
-        view.rename(parent, name_old, new_parent, name_new, flags)
+        await view.rename(parent, name_old, new_parent, name_new, flags)
 
     # ---- attribute changes -------------------------------------------------
     @_change
@@ -344,6 +348,8 @@ class LayerOperations(pyfuse3.Operations):
             return self._entries.of_node(view, node)
         if not view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not node.unlinked and not (fh in self._files and node.child.in_upper):
+            await view.copy_up(node, with_data=change.size is None or change.size > 0)
         if node.unlinked:
             fd = fh if fh in self._files else self._files.any_fd(node)
             if fd is None:
@@ -351,8 +357,6 @@ class LayerOperations(pyfuse3.Operations):
             view.change_open_file(fd, change)
             return self._entries.of_node(view, node)
         own_fd = fh if fh in self._files and node.child.in_upper else None
-        if change.size is not None and own_fd is None:
-            await view.copy_up(node, with_data=change.size > 0)
         view.set_attributes(node, change, own_fd)
         return self._entries.of_node(view, node)
 
@@ -360,12 +364,14 @@ class LayerOperations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         self._check_xattrs()
         view, (node,) = self._changing(inode)
+        await view.copy_up(node)
         view.set_xattr(node, name, value)
 
     @_change
     async def removexattr(self, inode, name, ctx):
         self._check_xattrs()
         view, (node,) = self._changing(inode)
+        await view.copy_up(node)
         view.remove_xattr(node, name)
 
     # ---- extended attributes ---------------------------------------------
@@ -379,6 +385,8 @@ class LayerOperations(pyfuse3.Operations):
         self._check_xattrs()
         if self.views.is_virtual(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
+        if name.startswith(OWNER_ONLY_XATTR_PREFIXES) and not _owner_or_root(ctx):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         view, node = self.views.locate(inode)
         return view.xattr(node, name)
 
@@ -388,7 +396,10 @@ class LayerOperations(pyfuse3.Operations):
         if self.views.is_virtual(inode):
             return []
         view, node = self.views.locate(inode)
-        return view.xattr_names(node)
+        names = view.xattr_names(node)
+        if _owner_or_root(ctx):
+            return names
+        return [name for name in names if not name.startswith(OWNER_ONLY_XATTR_PREFIXES)]
 
     # ---- the filesystem --------------------------------------------------
     @_fuse_boundary
@@ -399,3 +410,8 @@ class LayerOperations(pyfuse3.Operations):
                       "f_favail", "f_namemax"):
             setattr(data, field, getattr(st, field))
         return data
+
+
+def _owner_or_root(ctx) -> bool:
+    """Whether the process asking is root or the user who mounted (the daemon runs as them)."""
+    return ctx.uid in (0, os.getuid())

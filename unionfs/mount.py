@@ -22,6 +22,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from . import textsafe
 from .errors import MountError
 from .fuse_ops import LayerOperations
 from .layerform import PID_XATTR
@@ -178,7 +179,8 @@ def mount(view_factory: Callable[[], MergedView], options: MountOptions,
         return pid
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    raise MountError(f"mount {options.mountpoint}: {message or 'the daemon exited before the mount was ready'}")
+    raise MountError(f"mount {options.mountpoint}: "
+                     f"{textsafe.shown(message) if message else 'the daemon exited before the mount was ready'}")
 
 
 def _detach_stdio(log_file: str | None) -> None:
@@ -297,7 +299,7 @@ async def _main(mountpoint: str, ready_fd: int | None) -> bool:
 def _report(ready_fd: int | None, message: str) -> None:
     if ready_fd is None:
         if message != "ready":
-            print(f"layermount: {message}", file=sys.stderr)
+            print(f"layermount: {textsafe.shown(message)}", file=sys.stderr)
         return
     with contextlib.suppress(OSError):
         os.write(ready_fd, message.encode() + b"\n")

@@ -18,7 +18,8 @@ from .copyup import CopyUp
 from .idmap import record_owner
 from .nodes import UPPER, Attr, Child, Node
 from .tree import Tree, check_name_length
-from .upper import remove_tree_at, times_kept
+from ..fstree import remove_tree_at
+from .upper import times_kept
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -185,7 +186,7 @@ class Changes:
 
     def _move(self, parent: Node, source: Child, new_parent: Node, new_name: bytes, target: Child | None) -> None:
         name = source.name
-        self.copyup.copy_up_whole(self.tree.node_of(parent, source))
+        self.copyup.check_whole(self.tree.node_of(parent, source))
         if target is not None:
             self.tree.refresh(target, new_parent)   # its link count now says whether this is its last name
         upper = self.upper
@@ -210,7 +211,7 @@ class Changes:
 
     def _exchange(self, parent: Node, first: Child, new_parent: Node, second: Child) -> None:
         for owner, child in ((parent, first), (new_parent, second)):
-            self.copyup.copy_up_whole(self.tree.node_of(owner, child))
+            self.copyup.check_whole(self.tree.node_of(owner, child))
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:
             safepath.rename_exchange(old_fd, first.name, new_fd, second.name)

@@ -1,8 +1,14 @@
 """Copy-up: bringing a lower entry into the upper before it changes, atomically, keeping its st_ino.
 
 A file is copied in the upper's work directory and renamed into place, so a
-crash leaves the old lower file or the complete copy, never half of one; the
-data copy of a large file may run in a worker thread meanwhile.
+crash leaves the old lower file or the complete copy, never half of one.
+
+Who waits for a copy-up: its data is copied in a worker thread, whatever change
+asked for it. Meanwhile reads of every inode are served and so are changes to
+other inodes (the change lock is let go); changes to the same inode, under any
+of its names, wait until the copy is in place. Renaming a lower directory
+copies its tree holding the change lock (other changes wait, reads go on),
+after the copies already in flight have finished.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Callable
 import trio
 
 from .layers import ParentFd, paths_of_inode, regular_file
-from .nodes import UPPER, Attr, Node
+from .nodes import UPPER, Attr, Child, Node
 from .tree import Tree
 from .upper import StagedCopy, UpperLayer, read_xattrs, times_kept
 
@@ -31,6 +37,9 @@ class CopyUp:
         self.tree = tree
         self.upper = upper
         self._copied_up = copied_up       # told of every entry that now lives in the upper
+        # Held by every change to the view (the FUSE handlers take it); a data copy lets go of it.
+        self.lock = trio.Lock()
+        self._in_flight: dict[int, trio.Event] = {}    # inode -> set when its copy-up is over
 
     def writable(self) -> UpperLayer:
         if self.upper is None:
@@ -64,11 +73,14 @@ class CopyUp:
                 os.close(parent_fd)
             self._became_upper(directory, (UPPER,) + directory.sources)
 
-    def copy_up_tree(self, node: Node) -> None:
+    async def copy_up_tree(self, node: Node) -> None:
         """Everything below a directory into the upper: the price of renaming a lower directory.
 
-        A loop with its own stack, so a tree of any depth can be moved.
+        A loop with its own stack, so a tree of any depth can be moved. The lock is
+        kept throughout (after the copies in flight are done), so the tree cannot
+        change under the walk; the data still goes to worker threads.
         """
+        await self._no_copy_in_flight()
         pending, copied = [node], []
         while pending:
             directory = pending.pop()
@@ -79,7 +91,7 @@ class CopyUp:
                 if child.attr.is_dir:
                     pending.append(child_node)
                 else:
-                    self.copy_up(child_node)
+                    await self._copy_up_file(child_node, True, others_may_change=False)
         for directory in copied:
             # Each directory now holds all it shows: nothing below may add to it.
             fd = self.writable().open_dir(directory.relpath)
@@ -91,33 +103,94 @@ class CopyUp:
             directory.child.sources = (UPPER,)
             directory.lower_names = set()
 
-    def copy_up_whole(self, node: Node) -> None:
+    async def copy_up_whole(self, node: Node) -> None:
         """What a rename moves must live wholly in the upper (kernel overlayfs says EXDEV instead)."""
         if not node.attr.is_dir:
-            self.copy_up(node)
+            await self.copy_up_in_thread(node)
         elif node.child.is_merged_dir or not node.in_upper:
-            self.copy_up_tree(node)
+            await self.copy_up_tree(node)
+
+    @staticmethod
+    def check_whole(node: Node) -> None:
+        """A rename moves only what ``copy_up_whole`` brought up (the FUSE handler awaits it first):
+        never a copy on the thread that serves the mount; EXDEV (mv then copies) if that was missed."""
+        if not node.in_upper or node.child.is_merged_dir:
+            raise OSError(errno.EXDEV, "not copied up before its rename")
 
     # ---- files -----------------------------------------------------------------------
     def copy_up(self, node: Node, *, with_data: bool = True) -> None:
-        """Bring a non-directory into the upper, atomically, keeping its st_ino."""
+        """Bring a non-directory into the upper on the calling thread: for what ``copy_up_in_thread``
+        already brought up (then it does nothing) and for copies without data."""
         staged = self.stage(node, with_data=with_data)
         if staged is not None:
             with _discarded_on_failure(staged):
                 staged.run()
-            self.finish(node, staged)
+                lower = node.attr
+                others = paths_of_inode(self.tree.layers[node.winner], lower.host_ino) if lower.nlink > 1 else []
+            self.finish(node, staged, others)
 
     async def copy_up_in_thread(self, node: Node, *, with_data: bool = True) -> None:
-        """``copy_up``, with the data of a large file copied in a worker thread (the view is not
-        touched there, only the copy's two fds)."""
+        """Bring an entry into the upper before it changes, its data copied in a worker thread.
+
+        ENOENT if the entry was deleted meanwhile: nothing of it reaches the upper.
+        """
+        if node.attr.is_dir:
+            self.copy_up_dir(node)
+            return
+        while (copying := self._in_flight.get(node.ino)) is not None:
+            async with self._others_may_change():
+                await copying.wait()
+        if node.unlinked and not node.in_upper:
+            raise OSError(errno.ENOENT, "deleted")
+        await self._copy_up_file(node, with_data, others_may_change=True)
+        if node.unlinked and not node.in_upper:
+            raise OSError(errno.ENOENT, "deleted while it was copied up")
+
+    async def _copy_up_file(self, node: Node, with_data: bool, *, others_may_change: bool) -> None:
         staged = self.stage(node, with_data=with_data)
-        if staged is not None:
+        if staged is None:
+            return
+        copying = self._in_flight[node.ino] = trio.Event()
+        try:
             with _discarded_on_failure(staged):
-                if staged.size >= THREADED_COPY_SIZE:
-                    await trio.to_thread.run_sync(staged.run)
-                else:
+                layer, host_ino = self.tree.layers[node.winner], staged.served.host_ino
+                hardlinked = staged.served.nlink > 1
+
+                def work() -> list[bytes]:
+                    # Only the copy's fds and the (unchanging) lower layer are touched here.
                     staged.run()
-            self.finish(node, staged)
+                    return paths_of_inode(layer, host_ino) if hardlinked else []
+                if staged.size < THREADED_COPY_SIZE and not hardlinked:
+                    others = work()
+                elif others_may_change:
+                    async with self._others_may_change():
+                        others = await trio.to_thread.run_sync(work)
+                else:
+                    others = await trio.to_thread.run_sync(work)
+                self.finish(node, staged, others)
+        finally:
+            del self._in_flight[node.ino]
+            copying.set()
+
+    @contextlib.asynccontextmanager
+    async def _others_may_change(self):
+        """Let go of the change lock for a while (if this task holds it), and take it back."""
+        holding = self.lock.statistics().owner is trio.lowlevel.current_task()
+        if holding:
+            self.lock.release()
+        try:
+            yield
+        finally:
+            if holding:
+                with trio.CancelScope(shield=True):
+                    await self.lock.acquire()
+
+    async def _no_copy_in_flight(self) -> None:
+        """Wait until every file copy in flight is in place (none starts while we hold the lock)."""
+        while self._in_flight:
+            copying = next(iter(self._in_flight.values()))
+            async with self._others_may_change():
+                await copying.wait()
 
     def stage(self, node: Node, *, with_data: bool = True) -> StagedCopy | None:
         """First half of a copy-up: parents made, the copy started in the work dir.
@@ -150,50 +223,53 @@ class CopyUp:
         self._became_upper(node, (UPPER,))
         return None
 
-    def finish(self, node: Node, staged: StagedCopy) -> None:
-        """Second half: rename the complete copy into the node's place (wherever that is now)."""
+    def finish(self, node: Node, staged: StagedCopy, other_paths: list[bytes]) -> None:
+        """Second half: put the complete copy in the node's place (wherever that is now).
+
+        Hardlinks stay hardlinks: every other merged name of the same lower file
+        is linked to the copy too, all names or none (a failure half way, EMFILE
+        say, must not leave one name in the upper and another on the old data).
+        Kernel overlayfs needs index=on for this; here the upper itself records
+        the links, so a remount or a commit keeps them.
+        """
         if node.in_upper or node.unlinked:
             staged.discard()
             return
-        parent_fd = self.upper_dir_fd(node.parent)
-        try:
-            with times_kept(parent_fd):
-                staged.publish(parent_fd, node.name)
-        finally:
-            os.close(parent_fd)
         lower, lower_index = node.attr, node.winner
+        others = self._other_names(node, other_paths, lower, lower_index)
+        dir_fds: dict[int, int] = {}
+        try:
+            parent_fd = self.upper_dir_fd(node.parent)
+            dir_fds[id(node.parent)] = parent_fd
+            links = []
+            for parent, child in others:
+                if id(parent) not in dir_fds:
+                    dir_fds[id(parent)] = self.upper_dir_fd(parent)
+                links.append((dir_fds[id(parent)], child.name))
+            with contextlib.ExitStack() as kept:     # bookkeeping: every directory keeps its times
+                for fd in dir_fds.values():
+                    kept.enter_context(times_kept(fd))
+                staged.publish(parent_fd, node.name, links)
+        finally:
+            for fd in dir_fds.values():
+                os.close(fd)
+        for _, child in others:
+            child.sources = (UPPER,)      # first: what follows may fail, the disk already says so
         self._became_upper(node, (UPPER,))
-        if lower.nlink > 1:
-            self._copy_up_other_names(node, lower, lower_index)
+        for parent, child in others:
+            self.tree.refresh(child, parent)
 
-    def _copy_up_other_names(self, node: Node, lower: Attr, layer_index: int) -> None:
-        """Hardlinks stay hardlinks: every merged name of the same lower file is linked to the copy.
-
-        Kernel overlayfs needs index=on for this; here the layer is searched for
-        the file's other names once, at its copy-up, so the upper itself records
-        the links and a remount or a commit keeps them.
-        """
-        for relpath in paths_of_inode(self.tree.layers[layer_index], lower.host_ino):
-            if relpath == node.relpath:
-                continue
+    def _other_names(self, node: Node, paths: list[bytes], lower: Attr, layer_index: int) -> list[tuple[Node, Child]]:
+        """The merged names among ``paths``, but the node's own, that still show this very lower file."""
+        found = []
+        for relpath in paths:
             parent, child = self.tree.resolve(relpath)
-            if child is None or child.in_upper or child.sources[0] != layer_index:
+            if child is None or child is node.child or child.in_upper or child.sources[0] != layer_index:
                 continue
             if (child.attr.host_dev, child.attr.host_ino) != (lower.host_dev, lower.host_ino):
                 continue
-            source_fd, source_name = self.upper_path_of(node)
-            try:
-                dest_fd = self.upper_dir_fd(parent)
-                try:
-                    with times_kept(dest_fd):
-                        os.link(source_name, child.name, src_dir_fd=source_fd, dst_dir_fd=dest_fd,
-                                follow_symlinks=False)
-                finally:
-                    os.close(dest_fd)
-            finally:
-                os.close(source_fd)
-            child.sources = (UPPER,)
-            self.tree.refresh(child, parent)
+            found.append((parent, child))
+        return found
 
     def upper_path_of(self, node: Node) -> tuple[int, bytes]:
         """(upper parent dir fd, name) of a node, copying it up first; caller closes the fd."""

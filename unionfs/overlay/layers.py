@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import safepath
+from .. import fstree, safepath
 from ..layerform import OPAQUE_MARKER_BYTES, OVERRIDE_XATTR, Override, is_overlay_opaque, is_overlay_whiteout, \
     override_xattr_of, read_override
 from .merge import DirListing
@@ -161,16 +161,9 @@ class ParentFd:
 
 
 def paths_of_inode(layer: Layer, host_ino: int) -> list[bytes]:
-    """Every path in a layer naming one inode (a walk of the layer, never following symlinks)."""
-    found = []
-    for dir_path, _, file_names, dir_fd in os.fwalk(".", dir_fd=layer.root_fd):
-        for name in file_names:
-            try:
-                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == host_ino:
-                    found.append(os.fsencode(os.path.normpath(os.path.join(dir_path, name))))
-            except FileNotFoundError:
-                continue
-    return found
+    """Every path in a layer naming one inode (the project's one walk: iterative, never following symlinks)."""
+    return [os.fsencode(entry.relpath) for entry in fstree.walk(layer.root_fd)
+            if not entry.is_dir and entry.stat.st_ino == host_ino]
 
 
 def regular_file(fd: int) -> int:

@@ -15,6 +15,7 @@ import os
 import stat
 
 from .. import layerform, safepath
+from ..fstree import remove_tree_at
 from ..layerform import HIDDEN_XATTR_PREFIXES, OCI, OVERLAY, whiteout_name_bytes
 from .idmap import record_owner
 
@@ -151,9 +152,24 @@ class StagedCopy:
         if self.upper.fsync_copies:
             os.fsync(self.out_fd)
 
-    def publish(self, dest_dir_fd: int, dest_name: bytes) -> None:
+    def publish(self, dest_dir_fd: int, dest_name: bytes, links: list[tuple[int, bytes]] = ()) -> None:
+        """Put the copy in place under ``dest_name`` and every (dir fd, name) of ``links``, or nowhere.
+
+        The links go first (each shows the same data and metadata as the lower
+        file it replaces) and the rename last; a failure undoes the links made.
+        """
         self._close()
-        os.rename(self.temp, dest_name, src_dir_fd=self.upper.work_fd, dst_dir_fd=dest_dir_fd)
+        made = []
+        try:
+            for dir_fd, name in links:
+                os.link(self.temp, name, src_dir_fd=self.upper.work_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                made.append((dir_fd, name))
+            os.rename(self.temp, dest_name, src_dir_fd=self.upper.work_fd, dst_dir_fd=dest_dir_fd)
+        except BaseException:
+            for dir_fd, name in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+            raise
 
     def discard(self) -> None:
         self._close()
@@ -168,24 +184,53 @@ class StagedCopy:
 
 
 def copy_data(source_fd: int, dest_fd: int, size: int) -> None:
-    """In-kernel copy (reflinks where the filesystem has them); plain copy as the fallback."""
+    """Copy the data extents only (SEEK_DATA/SEEK_HOLE), so a sparse file stays sparse.
+
+    Each extent goes through copy_file_range (reflinks where the filesystem has
+    them), falling back to a plain copy; the size is set last, which keeps a
+    hole at the end a hole.
+    """
+    in_kernel = True
     offset = 0
-    try:
-        while offset < size:
-            copied = os.copy_file_range(source_fd, dest_fd, min(COPY_CHUNK, size - offset), offset, offset)
-            if copied == 0:
-                break
-            offset += copied
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
     while offset < size:
-        chunk = os.pread(source_fd, min(1 << 20, size - offset), offset)
-        if not chunk:
+        try:
+            start = os.lseek(source_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break           # nothing but a hole up to the end
+            raise
+        if start >= size:
             break
-        os.pwrite(dest_fd, chunk, offset)
-        offset += len(chunk)
+        end = min(os.lseek(source_fd, start, os.SEEK_HOLE), size)
+        if in_kernel:
+            try:
+                start = _copy_in_kernel(source_fd, dest_fd, start, end)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                in_kernel = False
+        _copy_plainly(source_fd, dest_fd, start, end)
+        offset = end
+    os.ftruncate(dest_fd, size)
+
+
+def _copy_in_kernel(source_fd: int, dest_fd: int, start: int, end: int) -> int:
+    """copy_file_range of [start, end); returns where it stopped (end, or earlier at end of file)."""
+    while start < end:
+        copied = os.copy_file_range(source_fd, dest_fd, min(COPY_CHUNK, end - start), start, start)
+        if copied == 0:
+            return end
+        start += copied
+    return start
+
+
+def _copy_plainly(source_fd: int, dest_fd: int, start: int, end: int) -> None:
+    while start < end:
+        chunk = os.pread(source_fd, min(1 << 20, end - start), start)
+        if not chunk:
+            return
+        os.pwrite(dest_fd, chunk, start)
+        start += len(chunk)
 
 
 def apply_metadata(fd: int, served, xattrs: dict[str, bytes], override_xattr: str | None = None) -> None:
@@ -224,27 +269,3 @@ def times_kept(dir_fd: int):
         # Only an owner may set times: a directory an unprivileged daemon does not own keeps the new ones.
         with contextlib.suppress(PermissionError):
             os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
-
-
-def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
-    """rm -rf of one entry below a directory fd, never following symlinks."""
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    except IsADirectoryError:
-        pass
-    except FileNotFoundError:
-        return
-    except PermissionError:
-        # unlink(2) of a directory says EISDIR on Linux, but EPERM elsewhere; check.
-        if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            raise
-    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        for entry in os.listdir(child):
-            remove_tree_at(child, entry)
-    finally:
-        os.close(child)
-    os.rmdir(name, dir_fd=dir_fd)
-
-

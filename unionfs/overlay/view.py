@@ -14,7 +14,7 @@ from ..layerform import OVERRIDE_XATTR, PID_XATTR, PROVENANCE_XATTR, STACK_XATTR
 from ..mountopts import ViewOptions
 from . import content
 from .attributes import AttrChange, AttributeChanges, change_open_file
-from .changes import Changes
+from .changes import RENAME_EXCHANGE, Changes
 from .copyup import CopyUp
 from .idmap import Ownership
 from .inodes import InodeTable
@@ -155,8 +155,17 @@ class MergedView:
             os.fsync(self.upper.root_fd)
 
     # ---- changes ----------------------------------------------------------------------------
+    @property
+    def change_lock(self):
+        """Held by every change (the FUSE handlers take it); a copy-up's data copy lets go of it."""
+        return self._copyup.lock
+
     async def copy_up(self, node: Node, *, with_data: bool = True) -> None:
-        """Bring a file into the upper before it is written, the data of a large one in a worker thread."""
+        """Bring an entry into the upper before it changes, its data copied in a worker thread.
+
+        Every change that copies up goes through here first, so what it then
+        does on the calling thread finds the entry in the upper already.
+        """
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
         self._links.names_changed()     # after: a count may be asked while the data is copied
 
@@ -184,8 +193,18 @@ class MergedView:
     def rmdir(self, parent: Node, name: bytes) -> None:
         self._changes.rmdir(parent, name)
 
-    def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
-        """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+    async def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
+        """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+
+        What it moves is first brought wholly into the upper (trees too), the data in worker threads.
+        """
+        moved = [(parent, name)]
+        if flags & RENAME_EXCHANGE:
+            moved.append((new_parent, new_name))
+        for owner, entry in moved:
+            child = self.tree.listing(owner).get(entry)
+            if child is not None:
+                await self._copyup.copy_up_whole(self.tree.node_of(owner, child))
         self._links.names_changed()
         self._changes.rename(parent, name, new_parent, new_name, flags)
 
