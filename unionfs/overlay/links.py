@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from .. import fstree
 from .nodes import UPPER, Attr
 from .tree import Tree
 
@@ -55,28 +56,9 @@ class LinkCounts:
 
 
 def linked_names(layer) -> dict[int, list[bytes]]:
-    """Every path of each multiply-linked non-directory in a layer: a loop with its own stack (any depth),
-    directories opened beneath the layer root, symlinks never followed."""
+    """Every path of each multiply-linked non-directory in a layer, by the project's one walk (fstree)."""
     found: dict[int, list[bytes]] = {}
-    pending = [b""]
-    while pending:
-        relpath = pending.pop()
-        fd = layer.open_dir(relpath)
-        if fd is None:
-            continue
-        try:
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    path = os.path.join(relpath, os.fsencode(entry.name))
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(path)
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if st.st_nlink > 1:
-                        found.setdefault(st.st_ino, []).append(path)
-        finally:
-            os.close(fd)
+    for entry in fstree.walk(layer.root_fd):
+        if not entry.is_dir and entry.stat.st_nlink > 1:
+            found.setdefault(entry.stat.st_ino, []).append(os.fsencode(entry.relpath))
     return found
