@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
 import json
 import os
-import shutil
 import stat
-import sys
-import tempfile
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from .errors import ImageError, MountError, UsageError
-from .layerform import OCI, OVERLAY, STACK_XATTR
-from .mount import FSTYPE, MountOptions, mount, mount_entries, mount_owner
+from .errors import MountError, UsageError
+from .layerform import OCI, OVERLAY
+from .mount import MountOptions, mount
 from .mountopts import ViewOptions
 from .overlay import Layer, MergedView, UpperLayer, layers_from_store
 from .progress import PullProgress
-from .textsafe import shown
 
 if TYPE_CHECKING:
     from .image.model import Image
@@ -193,47 +186,6 @@ def check_view_options(view: ViewOptions) -> None:
         raise MountError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not supported yet")
 
 
-# ---- provenance ---------------------------------------------------------------
-
-def find_mount(path: str) -> tuple[str, str]:
-    """(mountpoint, path inside it) of the layermount mount that holds ``path``."""
-    real = os.path.realpath(os.path.abspath(path)) if os.path.lexists(path) else os.path.abspath(path)
-    candidates = [point for point, kind in mount_entries() if kind == FSTYPE]
-    best = None
-    for point in candidates:
-        if real == point or real.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) > len(best):
-                best = point
-    if best is None:
-        raise UsageError(f"{path}: not inside a layermount mount")
-    inside = os.path.relpath(real, best)
-    return best, "" if inside == "." else inside
-
-
-def mount_stack(mountpoint: str) -> list[dict]:
-    """The layers of a mount, top first, as its daemon tells them.
-
-    Only a mount of this user's or root's is asked: anyone can run a FUSE
-    daemon that calls itself layermount and names root-only directories as
-    its layers, for root's ``commit`` to tar.
-    """
-    owner = mount_owner(mountpoint)
-    if owner not in (0, os.geteuid()):
-        who = "nobody known" if owner is None else f"uid {owner}"
-        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
-                         f"trusted (give the upper directory itself)")
-    try:
-        stack = json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
-    except OSError as exc:
-        raise MountError(f"{mountpoint}: cannot ask the daemon for its layers: {exc.strerror}") from None
-    except ValueError:
-        raise MountError(f"{mountpoint}: the daemon's list of layers is not JSON") from None
-    if not isinstance(stack, list) or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                                              and isinstance(entry.get("path"), str) for entry in stack):
-        raise MountError(f"{mountpoint}: the daemon's list of layers is malformed")
-    return stack
-
-
 def remove_tree(path: Path) -> None:
     from .fstree import remove_tree as remove
 
@@ -246,180 +198,3 @@ def store_for(path: str | None) -> "LayerStore":
     return LayerStore(Path(path) if path else None)
 
 
-def image_summary(image: Image) -> dict:
-    """What ``inspect`` shows: platform, layers with digests and their build steps, runtime config."""
-    if not image.layers:
-        raise ImageError(f"{image.source}: image has no layers")
-    history = image.history()
-    layer_steps = [entry for entry in history if not entry.get("empty_layer")]
-    config = image.config.get("config") or {}
-    layers = []
-    for index, ref in enumerate(image.layers):
-        step = layer_steps[index] if index < len(layer_steps) else {}
-        layers.append({"index": index + 1, "digest": ref.digest, "diff_id": ref.diff_id, "size": ref.size,
-                       "media_type": ref.media_type, "created_by": step.get("created_by", ""),
-                       "created": step.get("created", "")})
-    return {
-        "source": image.source, "format": image.format, "id": image.id, "repo_tags": image.repo_tags,
-        "platform": image.platform, "created": image.config.get("created"), "layers": layers,
-        "history": history,
-        "config": {key: config.get(key) for key in
-                   ("Env", "Cmd", "Entrypoint", "WorkingDir", "ExposedPorts", "Volumes", "User", "Labels")},
-    }
-
-
-# ---- what an upper changed --------------------------------------------------------
-
-@dataclass
-class UpperInfo:
-    """An upper directory and the lower layers (top first) it sits on."""
-
-    upper: str
-    lowers: list[str]
-    record: dict
-
-
-def locate_upper(target: str, lowerdir: str | None = None) -> UpperInfo:
-    """Find the upper and its lowers from a mountpoint, a kept --upper dir, or a raw upperdir + lowerdir."""
-    real = os.path.realpath(target)
-    if any(point == real and kind == FSTYPE for point, kind in mount_entries()):
-        stack = mount_stack(real)
-        uppers = [entry["path"] for entry in stack if entry["name"] == "upper"]
-        if not uppers:
-            raise UsageError(f"{target}: a read-only mount has no upper layer")
-        return UpperInfo(uppers[0], [entry["path"] for entry in stack if entry["name"] != "upper"], {})
-    root = Path(real)
-    if root.name == "diff" and (root.parent / "layermount.json").exists():
-        root = root.parent
-    record_path = root / "layermount.json"
-    if record_path.exists():
-        record = read_upper_record(record_path, target)
-        store = store_for(record["store"])
-        lowers = []
-        for diff_id in reversed(record["layers"]):
-            layer = store.layer(diff_id)
-            if layer is None:
-                raise UsageError(f"{target}: its layer {diff_id[:19]} is no longer in store {store.root}")
-            lowers.append(str(layer.path))
-        return UpperInfo(str(root / "diff"), lowers, record)
-    if not root.is_dir():
-        raise UsageError(f"{target}: not a mountpoint, an upper directory or a directory at all")
-    lowers = [path for path in (lowerdir or "").split(":") if path]
-    return UpperInfo(str(root), lowers, {})
-
-
-def commit(image: Image, upper: UpperInfo, out: str, *, message: str | None = None, image_format: str = "docker",
-           tag: str | None = None) -> str:
-    """Write a new image: ``image`` with the upper appended as one more layer; return its id."""
-    from .diff import write_layer_tar
-    from .image.compression import open_decompressed
-    from .image.writer import write_image
-
-    if upper.record.get("image_id") not in (None, image.id):
-        raise UsageError(f"upper {upper.upper} was made on image {upper.record.get('image')}, not {image.source}")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"{out}: directory {out_dir} does not exist")
-    # The new image holds all the old one does and the upper's files: no wider than the
-    # image it came from, and the caller's umask on top. Directories (oci-dir) get x where r.
-    mode = _commit_mode(image.source)
-    old_umask = os.umask(0o777 & ~(mode | (mode & 0o444) >> 2))
-    try:
-        with tempfile.TemporaryDirectory(prefix=".layermount-commit-", dir=out_dir) as scratch:
-            layer_files = []
-            for index, ref in enumerate(image.layers):
-                path = os.path.join(scratch, f"layer{index}.tar")
-                with ref.open() as blob, open(path, "wb") as tar_file:
-                    shutil.copyfileobj(open_decompressed(blob), tar_file, 1 << 20)
-                layer_files.append(path)
-            new_layer = os.path.join(scratch, "upper.tar")
-            with open(new_layer, "wb") as tar_file:
-                write_layer_tar(upper.upper, tar_file)
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            config = copy.deepcopy(image.config)
-            config["created"] = now
-            config.setdefault("history", []).append(
-                {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
-            return write_image(out, layer_files + [new_layer], config, format=image_format, repo_tag=tag)
-    finally:
-        os.umask(old_umask)
-
-
-def _commit_mode(source: str) -> int:
-    """Permission bits for a committed image: the caller's umask, and never more than ``source`` has."""
-    umask = os.umask(0o077)
-    os.umask(umask)
-    try:
-        source_mode = stat.S_IMODE(os.stat(source).st_mode)
-    except (OSError, TypeError, ValueError):
-        source_mode = 0o600
-    return 0o666 & ~umask & source_mode | 0o600 & ~umask
-
-
-@dataclass
-class HistoryStep:
-    """One build step of an image, as ``docker history`` shows it."""
-
-    diff_id: str | None        # None for a step that made no layer (ENV, CMD, EXPOSE ...)
-    created: str
-    created_by: str
-    size: int | None
-    in_store: bool | None
-
-
-def history(image: Image, store: "LayerStore") -> list[HistoryStep]:
-    """The build steps, top first; each layer step says whether the store already has it."""
-    steps = []
-    layers = iter(image.layers)
-    entries = image.history() or [{} for _ in image.layers]
-    for entry in entries:
-        if entry.get("empty_layer"):
-            steps.append(HistoryStep(None, entry.get("created", ""), entry.get("created_by", ""), 0, None))
-            continue
-        ref = next(layers, None)
-        if ref is None:
-            break
-        stored = store.layer(ref.diff_id) if ref.diff_id else None
-        size = stored.size if stored is not None else ref.size
-        steps.append(HistoryStep(ref.diff_id or ref.digest, entry.get("created", ""), entry.get("created_by", ""),
-                                 size, stored is not None))
-    for ref in layers:   # more layers than history entries: still show them
-        steps.append(HistoryStep(ref.diff_id or ref.digest, "", "", ref.size, None))
-    return list(reversed(steps))
-
-
-def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_dir: str | None = None,
-              network: str = "none", progress=None) -> int:
-    """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
-    from .mount import unmount
-    from .runtime import container_for, fresh_volumes, run
-
-    container = container_for(image.config, "", command)
-    container.network = network
-    # The mountpoint sits in a 0700 directory of its own: the container gets in through the
-    # pivot, no other host user can walk to it, whatever the mount's allow_other says.
-    private = tempfile.mkdtemp(prefix="layermount-run-")
-    mountpoint = os.path.join(private, "root")
-    os.mkdir(mountpoint, 0o700)
-    volumes_base = None
-    try:
-        # FUSE lets only the mounting user in unless allow_other: needed when the image runs as another.
-        user = container.user.split(":")[0]
-        options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
-        container.volumes, volumes_base = fresh_volumes(image.config)
-        mount_image(image, store, options, progress, upper_dir)
-        try:
-            container.root = mountpoint
-            for inside in container.volumes:
-                print(f"layermount: volume {shown(inside)} is a fresh temporary directory; writes there "
-                      f"do not go to the upper layer", file=sys.stderr)
-            return run(container)
-        finally:
-            unmount(mountpoint)
-    finally:
-        if volumes_base is not None:
-            with contextlib.suppress(OSError):     # what the container left, however deep
-                remove_tree(Path(volumes_base))
-        for directory in (mountpoint, private):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)

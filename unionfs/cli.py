@@ -9,10 +9,11 @@ import sys
 import traceback
 
 from . import __version__, api, mountopts
+from .tools import commit, history, inspect, locate, run
 from .errors import LayermountError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
-from .provenance import explain_lines, explain_path
+from .tools.provenance import explain_lines, explain_path
 from .textsafe import shown
 
 SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run",
@@ -254,7 +255,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         image = api.load_image([args.image], platform=args.platform, ref=args.ref)
-        return api.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
+        return run.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
                              network=args.network, progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
     if args.command == "umount":
         unmount(args.mountpoint, lazy=args.lazy)
@@ -266,7 +267,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
     if args.command == "history":
         return _history(args)
     if args.command == "lint":
-        from .lint import ERROR, lint_image
+        from .tools.lint import ERROR, lint_image
 
         findings = lint_image(api.load_image([args.image], platform=args.platform, ref=args.ref))
         for finding in findings:
@@ -275,23 +276,23 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         _print(f"{errors} errors, {len(findings) - errors} warnings")
         return 1 if errors else 0
     if args.command == "explain":
-        mountpoint, inside = api.find_mount(args.path)
+        mountpoint, inside = locate.find_mount(args.path)
         _print(f"Looking up /{inside} in {mountpoint}, top layer first:")
-        for line in explain_lines(api.mount_stack(mountpoint), inside):
+        for line in explain_lines(locate.mount_stack(mountpoint), inside):
             _print(line)
         return 0
     if args.command == "store":
         return _store(args)
     if args.command == "commit":
         image = api.load_image([args.image], platform=args.platform, ref=args.ref)
-        ident = api.commit(image, api.locate_upper(args.upper), args.output, message=args.message,
+        ident = commit.commit(image, locate.locate_upper(args.upper), args.output, message=args.message,
                            image_format=args.format, tag=args.tag)
         _print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
         return 0
     if args.command == "diff":
-        from .diff import changes
+        from .tools.diff import changes
 
-        located = api.locate_upper(args.target, args.lowerdir)
+        located = locate.locate_upper(args.target, args.lowerdir)
         found = changes(located.upper, located.lowers)
         if args.json:
             print(json.dumps([{"kind": change.kind, "path": change.path} for change in found], indent=1))
@@ -303,7 +304,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    summary = api.image_summary(api.load_image(args.sources, platform=args.platform, ref=args.ref))
+    summary = inspect.image_summary(api.load_image(args.sources, platform=args.platform, ref=args.ref))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -328,7 +329,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     image = api.load_image([args.image], platform=args.platform, ref=args.ref)
-    steps = api.history(image, api.store_for(args.store))
+    steps = history.history(image, api.store_for(args.store))
     width = 71 if args.no_trunc else 19
     _print(f"{'LAYER':<{width}}  {'CREATED':<20}  {'SIZE':>9}  {'STORED':<6}  CREATED BY")
     for step in steps:
@@ -347,8 +348,8 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _which(path: str) -> int:
-    mountpoint, inside = api.find_mount(path)
-    verdicts = explain_path(api.mount_stack(mountpoint), inside)
+    mountpoint, inside = locate.find_mount(path)
+    verdicts = explain_path(locate.mount_stack(mountpoint), inside)
     _print(f"/{inside}  (mount {mountpoint}, layers top first)")
     for verdict in verdicts:
         name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name

@@ -7,8 +7,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .layerform import whiteout_name
-from .overlay import Layer, MergedView
+from ..layerform import whiteout_name
+from ..overlay import Layer, MergedView
 
 
 @dataclass

@@ -11,12 +11,12 @@ import posixpath
 import stat
 from dataclasses import dataclass
 
-from .errors import ImageError
-from .extract import LayerRules, layer_members
-from .image.compression import open_decompressed
-from .image.model import Image
-from .layerform import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
-from .textsafe import shown
+from ..errors import ImageError
+from ..extract import LayerRules, layer_members
+from ..image.compression import open_decompressed
+from ..image.model import Image
+from ..layerform import OPAQUE_MARKER, WHITEOUT_PREFIX, whiteout_target
+from ..textsafe import shown
 
 ERROR, WARNING = "error", "warning"
 
