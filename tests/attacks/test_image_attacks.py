@@ -428,7 +428,7 @@ def test_lint_errors_exactly_where_unpack_refuses(tmp_path, store_dir, case):
     assert lint.returncode == 1
     errors = [line for line in lint.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: layer 1: /{refused}: "), lint.stdout
-    assert lint.stdout.rstrip().endswith("1 errors, 0 warnings")
+    assert lint.stdout.rstrip().endswith("1 error, 0 warnings, 0 info")
 
 
 # ---- also: a bomb inside a compressed outer archive -----------------------------------------
