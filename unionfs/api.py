@@ -9,7 +9,7 @@ import stat
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from .errors import MountError, UsageError
+from .errors import ImageError, MountError, UsageError
 from .layerform import OCI, OVERLAY
 from .mount import MountOptions, mount
 from .mountopts import ViewOptions
@@ -21,8 +21,10 @@ if TYPE_CHECKING:
     from .store import LayerStore, StoredLayer
 
 
-def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None) -> Image:
-    """One argument is an image (docker-archive or OCI); several are plain layer tars, bottom first."""
+def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None,
+               registry=None) -> Image:
+    """One argument is an image (docker-archive, OCI, or a registry REF); several are plain layer tars,
+    bottom first. ``registry`` (RegistryOptions) says how to reach registries."""
     # Imported here, like the store below: mounting plain directories needs neither,
     # and the daemon's start-up time is part of every mount.
     from .image import open_image, open_layer_tars
@@ -30,24 +32,68 @@ def load_image(sources: list[str], *, platform: str | None = None, ref: str | No
     if not sources:
         raise UsageError("no image given")
     if len(sources) == 1:
-        return open_image(sources[0], platform=platform, ref=ref)
+        return open_image(sources[0], platform=platform, ref=ref, registry=registry)
     return open_layer_tars(sources)
 
 
-def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLayer"]:
-    return store.unpack_image(image, progress or PullProgress(quiet=True))
+def recorded_image(store: "LayerStore", source: str) -> Image | None:
+    """The image the store pulled for registry reference ``source``, if all its layers are still there."""
+    from .image.model import Image as ImageModel, LayerRef
+    from .image.reference import parse_source
+
+    try:
+        ref = parse_source(source).registry
+    except UsageError:
+        return None
+    if ref is None or not store.root.is_dir():
+        return None
+    wanted = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
+    records = [record for record in store.images() if record.get("format") == "registry"
+               and wanted in record.get("repo_tags", []) + record.get("repo_digests", [])]
+    if not records:
+        return None
+    record = max(records, key=lambda record: record.get("recorded_at", 0))
+    if any(store.layer(diff_id) is None for diff_id in record["layers"]):
+        return None
+
+    def not_needed():
+        raise ImageError(f"{source}: layer not in the store any more")
+    layers = [LayerRef(name=diff_id, open=not_needed, diff_id=diff_id, remote=True) for diff_id in record["layers"]]
+    return ImageModel(source=str(ref), layers=layers, config=record.get("config") or {}, config_digest=record["id"],
+                      repo_tags=record.get("repo_tags", []), repo_digests=record.get("repo_digests", []),
+                      format="registry", origin=ref.name)
+
+
+def unpack(image: Image, store: "LayerStore", progress=None, jobs: int | None = None) -> list["StoredLayer"]:
+    """``jobs`` layers at once: by default one per core, and for a registry 3, as docker pulls."""
+    progress = progress or PullProgress(quiet=True)
+    if image.format == "registry":
+        from .image.registry import DEFAULT_JOBS
+        from .store import short_id
+
+        jobs = jobs or DEFAULT_JOBS
+        # docker pull's opening: every layer's state at once, before the downloads start.
+        missing = 0
+        for ref in image.layers:
+            stored = store.layer(ref.diff_id) if store.layers_dir.is_dir() else None
+            if stored is not None:
+                progress(short_id(ref.diff_id), "Already exists", stored.size, stored.size)
+            else:
+                progress(short_id(ref.diff_id), "Pulling fs layer" if missing < jobs else "Waiting", 0, ref.size)
+                missing += 1
+    return store.unpack_image(image, progress, jobs=jobs)
 
 
 def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,
                 upper_dir: str | None = None, view_options: ViewOptions | None = None, *,
-                upper_shared: bool = False) -> int:
+                upper_shared: bool = False, jobs: int | None = None) -> int:
     """Unpack what is missing, then mount; returns the daemon pid once the mount is ready.
 
     Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
     into a throw-away upper in the store that goes with the unmount.
     """
     check_view_options(view_options or ViewOptions())
-    stored = unpack(image, store, progress)
+    stored = unpack(image, store, progress, jobs)
     held = store.hold_layers([layer.diff_id for layer in stored])
     cleanup = None
     upper = None
@@ -88,7 +134,8 @@ def prepare_upper(path: str, *, image: Image, layers, store, shared: bool = Fals
     if not shared:
         _refuse_reachable_upper(root)
     record = root / "layermount.json"
-    info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
+    source = image.source if image.format == "registry" else os.path.abspath(image.source)
+    info = {"image": source, "image_id": image.id, "store": str(store.root),
             "layers": [layer.diff_id for layer in layers]}
     if record.exists():
         previous = read_upper_record(record, path)
@@ -196,5 +243,3 @@ def store_for(path: str | None) -> "LayerStore":
     from .store import LayerStore
 
     return LayerStore(Path(path) if path else None)
-
-

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import __version__, api, mountopts
-from .errors import LayermountError, UsageError
+from .errors import LayermountError, NetworkError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 from .textsafe import shown
@@ -95,11 +95,47 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     _store_option(parser)
     _pick_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _registry_arguments(parser)
+
+
+def _registry_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to reach a registry, for the verbs that take a REF (skopeo's option names)."""
+    parser.add_argument("--tls-verify", type=_boolean, default=True, metavar="true|false",
+                        help="verify TLS certificates; false also allows plain HTTP "
+                             "(localhost and 127.0.0.0/8 may use HTTP anyway)")
+    parser.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials (default: from "
+                        "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json)")
+    parser.add_argument("--jobs", type=int, metavar="N", help="layers to pull at once (default 3)")
+
+
+def _registry_options(args: argparse.Namespace):
+    from .image.auth import parse_creds
+    from .image.registry import DEFAULT_JOBS, RegistryOptions
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs: give at least 1")
+    return RegistryOptions(tls_verify=args.tls_verify, creds=parse_creds(args.creds) if args.creds else None,
+                           jobs=args.jobs or DEFAULT_JOBS)
+
+
+def _load(args: argparse.Namespace, sources: list[str], *, offline_ok: bool = True):
+    """The image the arguments name: a file, a directory, or a registry REF."""
+    try:
+        return api.load_image(sources, platform=args.platform, ref=args.ref, registry=_registry_options(args))
+    except NetworkError as exc:
+        # Offline, as docker run is: an image this store pulled before under that REF will do.
+        image = api.recorded_image(api.store_for(getattr(args, "store", None)), sources[0]) \
+            if len(sources) == 1 and offline_ok else None
+        if image is None:
+            raise
+        _print(f"layermount: {exc}; using {image.repo_digests[0]} as pulled before", file=sys.stderr)
+        return image
 
 
 def _mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="IMAGE MOUNTPOINT",
-                        help="the image (docker save or OCI, tar or directory) and an empty directory; "
+                        help="the image (docker save or OCI, tar or directory, or a registry REF) and an empty "
+                        "directory; "
                         "with -o lowerdir= only the MOUNTPOINT")
     _image_options(parser)
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
@@ -157,11 +193,11 @@ def mount_verb(args: argparse.Namespace) -> int:
         raise UsageError("usage: layermount IMAGE MOUNTPOINT (or -o lowerdir=L3:L2:L1 MOUNTPOINT)")
     image_path, options.mountpoint = args.paths
     check_mountpoint(options.mountpoint)  # before the unpack: fail fast on a bad mountpoint
-    image = api.load_image([image_path], platform=args.platform, ref=args.ref)
+    image = _load(args, [image_path])
     if args.whiteout_format == "overlay":
         raise UsageError("an image mount's upper is an OCI layer: --whiteout-format overlay is for -o upperdir=")
     api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper,
-                    view_options=parsed.view, upper_shared=args.upper_shared)
+                    view_options=parsed.view, upper_shared=args.upper_shared, jobs=args.jobs)
     return 0
 
 
@@ -183,9 +219,9 @@ def _unpack_arguments(parser: argparse.ArgumentParser) -> None:
       "layermount unpack debian.tar", "layermount unpack base.tar app.tar --store /srv/layers")
 @args(_unpack_arguments)
 def unpack_verb(args: argparse.Namespace) -> int:
-    image = api.load_image(args.sources, platform=args.platform, ref=args.ref)
+    image = _load(args, args.sources)
     store = api.store_for(args.store)
-    layers = api.unpack(image, store, PullProgress(quiet=args.quiet))
+    layers = api.unpack(image, store, PullProgress(quiet=args.quiet), jobs=args.jobs)
     if not args.quiet:
         _print(f"Unpacked {image.source} ({_count(len(layers), 'layer')}) into {store.root}")
     return 0
@@ -229,13 +265,14 @@ def run_verb(args: argparse.Namespace) -> int:
                          user=args.user, hostname=args.name or HOSTNAME,
                          binds=[parse_bind(spec) for spec in args.volume], network=args.network, tty=args.tty,
                          interactive=args.interactive or not args.tty)
-    image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+    image = _load(args, [args.image])
     volumes = image_volumes(image.config)
     if volumes and (args.verbose or args.upper):
         _print(f"layermount: {_count(len(volumes), 'volume')} ({', '.join(volumes)}) get fresh temporary "
                f"directories: writes there do not go to the upper layer", file=sys.stderr)
     progress = PullProgress(quiet=args.quiet, stream=sys.stderr, quiet_when_present=not args.verbose)
-    return run_image(image, api.store_for(args.store), options, upper_dir=args.upper, progress=progress)
+    return run_image(image, api.store_for(args.store), options, upper_dir=args.upper, progress=progress,
+                     jobs=args.jobs)
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +281,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--format", metavar="TEMPLATE",
                         help="print a Go-template-style field per image, e.g. '{{.Config.Cmd}}' or '{{json .RootFS}}'")
     _pick_options(parser)
+    _registry_arguments(parser)
 
 
 @verb("inspect", "IMAGE... [--json | --format T]", "an image's platform, layers, build steps and config",
@@ -258,7 +296,7 @@ def inspect_verb(args: argparse.Namespace) -> int:
 
     if args.json and args.format:
         raise UsageError("--json and --format: give one")
-    found = [inspect_image(api.load_image([source], platform=args.platform, ref=args.ref)) for source in args.sources]
+    found = [inspect_image(_load(args, [source])) for source in args.sources]
     if args.json:
         _print_json(found)
     elif args.format:
@@ -278,6 +316,8 @@ def _inspect_text(info: dict) -> None:
     _print(f"Id:       {info['Id']}")
     if info["RepoTags"]:
         _print(f"Tags:     {', '.join(info['RepoTags'])}")
+    if info["RepoDigests"]:
+        _print(f"Digests:  {', '.join(info['RepoDigests'])}")
     _print(f"Platform: {own['Platform'] or '-'}")
     if info["Created"]:
         _print(f"Created:  {info['Created']}")
@@ -301,6 +341,7 @@ def _history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help=JSON_HELP + ": an array, top step first")
     _store_option(parser)
     _pick_options(parser)
+    _registry_arguments(parser)
 
 
 @verb("history", "IMAGE [--no-trunc] [--human=false] [--json]", "the build steps, top first, as docker history",
@@ -311,10 +352,13 @@ def _history_arguments(parser: argparse.ArgumentParser) -> None:
 def history_verb(args: argparse.Namespace) -> int:
     from .tools.history import history
 
-    steps = history(api.load_image([args.image], platform=args.platform, ref=args.ref), api.store_for(args.store))
+    image = _load(args, [args.image])
+    steps = history(image, api.store_for(args.store))
     if args.json:
         _print_json([step.as_json() for step in steps])
         return 0
+    if image.repo_digests:
+        _print(f"Image: {', '.join(image.repo_tags + image.repo_digests)}")
     now = datetime.datetime.now(datetime.timezone.utc)
     id_width = 71 if args.no_trunc else 12
     _print(f"{'IMAGE':<{id_width}}  {'CREATED':<20}  {'CREATED BY':<45}  {'SIZE':>9}  {'BLOB':>9}  STORED")
@@ -340,6 +384,7 @@ def _lint_arguments(parser: argparse.ArgumentParser) -> None:
                         "Rules: " + ", ".join(f"{code} {name}" for code, name in RULES.items()))
     parser.add_argument("--all", action="store_true", help="list every info finding instead of grouping them")
     _pick_options(parser)
+    _registry_arguments(parser)
 
 
 @verb("lint", "IMAGE [--json] [--ignore RULE]", "what is odd or dangerous in an image's layers, before mounting",
@@ -351,7 +396,7 @@ def lint_verb(args: argparse.Namespace) -> int:
     from .tools.lint import ERROR, INFO, USUAL, WARNING, lint_image, rule_code
 
     ignore = frozenset(rule_code(name) for spec in args.ignore for name in spec.split(",") if name)
-    findings = lint_image(api.load_image([args.image], platform=args.platform, ref=args.ref), ignore)
+    findings = lint_image(_load(args, [args.image]), ignore)
     errors = sum(finding.severity == ERROR for finding in findings)
     if args.json:
         _print_json([finding.as_json() for finding in findings])
@@ -445,24 +490,100 @@ def diff_verb(args: argparse.Namespace) -> int:
 def _commit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the image the upper was made on")
     parser.add_argument("upper", metavar="UPPER|MOUNTPOINT", help="a kept --upper DIR or a mountpoint")
-    parser.add_argument("-o", "--output", required=True, metavar="NEW.tar", help="where the new image goes")
+    parser.add_argument("-o", "--output", metavar="NEW.tar", help="where the new image goes (a file)")
+    parser.add_argument("--push", metavar="docker://REF", help="push the new image to a registry (with or without -o)")
     parser.add_argument("-m", "--message", help="the new layer's history entry (default 'layermount commit')")
     parser.add_argument("--format", choices=("docker", "oci"), default="docker",
                         help="docker (default): docker save form; oci: an OCI layout tar")
     parser.add_argument("--tag", metavar="REPO:TAG", help="the new image's tag")
     _pick_options(parser)
+    _registry_arguments(parser)
 
 
-@verb("commit", "IMAGE UPPER -o NEW.tar", "write IMAGE plus the upper as one more layer to a new image",
-      "layermount commit debian.tar ./upper -o debian-edited.tar -m 'RUN edit' --tag me/debian:edited")
+@verb("commit", "IMAGE UPPER -o NEW.tar | --push REF", "write IMAGE plus the upper as one more layer to a new image",
+      "layermount commit debian.tar ./upper -o debian-edited.tar -m 'RUN edit' --tag me/debian:edited",
+      "layermount commit debian.tar ./upper --push docker://localhost:5000/me/debian:edited")
 @args(_commit_arguments)
 def commit_verb(args: argparse.Namespace) -> int:
-    from .library import commit
+    from .tools.commit import commit, commit_push
+    from .tools.locate import locate_upper
 
-    image = api.load_image([args.image], platform=args.platform, ref=args.ref)
-    ident = commit(image, args.upper, args.output, message=args.message, image_format=args.format, tag=args.tag)
-    _print(f"Wrote {args.output} ({_count(len(image.layers) + 1, 'layer')}, id {ident})")
+    if not args.output and not args.push:
+        raise UsageError("commit: give -o NEW.tar, --push docker://REF, or both")
+    destination = _push_destination(args.push) if args.push else None
+    image = _load(args, [args.image])
+    upper = locate_upper(args.upper)
+    if args.output:
+        ident = commit(image, upper, args.output, message=args.message, image_format=args.format, tag=args.tag)
+        _print(f"Wrote {args.output} ({_count(len(image.layers) + 1, 'layer')}, id {ident})")
+    if destination is not None:
+        digest = commit_push(image, upper, destination, _registry_options(args), message=args.message,
+                             say=_say(False))
+        _print(f"Pushed {destination.name}:{destination.tag}@{digest} ({_count(len(image.layers) + 1, 'layer')})")
     return 0
+
+
+def _pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="REF", help="docker://HOST/REPO:TAG, HOST/REPO@sha256:..., or NAME[:TAG]")
+    _image_options(parser)
+
+
+@verb("pull", "REF", "pull an image from a registry into the layer store, as docker pull",
+      "layermount pull docker://localhost:5000/debian:12", "layermount pull --tls-verify=false myhost:5000/app:1")
+@args(_pull_arguments)
+def pull_verb(args: argparse.Namespace) -> int:
+    """docker pull's conversation: which layers exist, which arrive, the digest, the status."""
+    from .image.reference import parse_source
+    from .image.registry import shown as shown_ref
+
+    source = parse_source(args.image)
+    if source.registry is None:
+        raise UsageError(f"{args.image}: pull takes a registry reference (docker://HOST/REPO:TAG or NAME[:TAG])")
+    ref = source.registry
+    say = _say(args.quiet)
+    image = _load(args, [args.image], offline_ok=False)
+    store = api.store_for(args.store)
+    say(f"{ref.tag or ref.digest}: Pulling from {ref.repository}")
+    missing = [layer for layer in image.layers if store.layer(layer.diff_id) is None] \
+        if store.layers_dir.is_dir() else image.layers
+    api.unpack(image, store, PullProgress(quiet=args.quiet), jobs=args.jobs)
+    say(f"Digest: {image.repo_digests[0].rsplit('@', 1)[1]}")
+    say(f"Status: {'Downloaded newer image' if missing else 'Image is up to date'} for {shown_ref(ref)}")
+    if not args.quiet:
+        print(shown_ref(ref))
+    return 0
+
+
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="any image layermount reads (a file, a directory, a REF)")
+    parser.add_argument("destination", metavar="docker://HOST/REPO:TAG", help="where it goes")
+    _image_options(parser)
+
+
+@verb("push", "IMAGE docker://HOST/REPO:TAG", "upload an image to a registry",
+      "layermount push debian.tar docker://localhost:5000/debian:12")
+@args(_push_arguments)
+def push_verb(args: argparse.Namespace) -> int:
+    from .image.registry import push_image
+
+    destination = _push_destination(args.destination)
+    image = _load(args, [args.image], offline_ok=False)
+    push_image(image, destination, _registry_options(args), say=_say(args.quiet))
+    return 0
+
+
+def _say(quiet: bool):
+    from .image.registry import shown as shown_ref
+
+    return (lambda line: None) if quiet else (lambda line: print(shown_ref(line), flush=True))
+
+
+def _push_destination(text: str):
+    from .image.reference import parse_source
+
+    if not text.startswith("docker://"):
+        raise UsageError(f"{text}: push to a registry, docker://HOST/REPO:TAG")
+    return parse_source(text).registry
 
 
 STORE_VERBS = {
@@ -512,7 +633,8 @@ def _store_ls(store, args: argparse.Namespace) -> int:
         own = [diff_id for diff_id in record.get("layers", []) if isinstance(diff_id, str)]
         tags = [tag for tag in record.get("repo_tags") or [] if isinstance(tag, str)]
         when = record.get("recorded_at")
-        images.append({"Id": record.get("id"), "RepoTags": tags, "Source": record.get("source"),
+        digests = [digest for digest in record.get("repo_digests") or [] if isinstance(digest, str)]
+        images.append({"Id": record.get("id"), "RepoTags": tags, "RepoDigests": digests, "Source": record.get("source"),
                        "Layers": own, "Size": sum(layers[d].size for d in own if d in layers),
                        "Complete": all(d in layers for d in own),
                        "Recorded": _iso(when) if isinstance(when, (int, float)) else None})
@@ -538,6 +660,12 @@ def _store_ls(store, args: argparse.Namespace) -> int:
                      if layer.diff_id in image["Layers"]]
             _print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
                    f"{', '.join(users) or '(unused)'}")
+    pulled = [image for image in images if image["RepoDigests"]]
+    if pulled:
+        _print()
+        _print(f"{'ID':<12}  PULLED FROM")
+        for image in pulled:
+            _print(f"{str(image['Id'] or '?').split(':')[-1][:12]:<12}  {', '.join(image['RepoTags'] + image['RepoDigests'])}")
     unused = [layer for diff_id, layer in layers.items() if diff_id not in used]
     total = sum(layer.size for layer in layers.values())
     _print(f"{_count(len(images), 'image')}, {_count(len(layers), 'layer')} ({len(unused)} unused), "

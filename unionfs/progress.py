@@ -18,6 +18,7 @@ from typing import TextIO
 from .textsafe import shown
 
 PRESENT = "Already exists"
+METERED = ("Downloading", "Extracting")      # the statuses with a bar, a rate and time left
 
 
 def human_size(size: float) -> str:
@@ -56,7 +57,7 @@ class PullProgress:
         self._clock = clock
         self._lock = threading.Lock()
         self._lines: dict[str, tuple[str, int, int | None]] = {}   # short -> (status, done, total)
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[str, float]] = {}
         self._last_status: dict[str, str] = {}
         self._drawn: list[int] = []          # length of each line on screen, top first
         self._width = self._terminal_width()
@@ -68,8 +69,8 @@ class PullProgress:
         if self.quiet or (self.quiet_when_present and status == PRESENT):
             return
         with self._lock:
-            if status == "Extracting":
-                self._started.setdefault(short, self._clock() - 1e-3)
+            if status in METERED and self._started.get(short, ("", 0.0))[0] != status:
+                self._started[short] = (status, self._clock() - 1e-3)   # a rate per phase
             if self.live:
                 self._lines[short] = (status, done, total)
                 self._redraw()
@@ -96,12 +97,12 @@ class PullProgress:
     def _format(self, short: str, status: str, done: int, total: int | None, width: int | None) -> str:
         """One layer's line, at most ``width - 1`` columns (the last column would wrap on some terminals)."""
         head = f"{shown(short)}: {status}"
-        if status != "Extracting":
+        if status not in METERED:
             return _cut(head, width)
         if width is None:
             return f"{head} {human_size(total)}" if total else head
         amount = f"{human_size(done)}/{human_size(total)}" if total else human_size(done)
-        elapsed = self._clock() - self._started.get(short, self._clock())
+        elapsed = self._clock() - self._started.get(short, ("", self._clock()))[1]
         rate = done / elapsed if elapsed > 0 else 0
         tail = f" {amount}"
         if rate > 0:

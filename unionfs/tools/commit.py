@@ -59,3 +59,49 @@ def _commit_mode(source: str) -> int:
     except (OSError, TypeError, ValueError):
         source_mode = 0o600
     return 0o666 & ~umask & source_mode | 0o600 & ~umask
+
+
+def commit_push(image: Image, upper: UpperInfo, destination, options, *, message: str | None = None,
+                say=lambda line: None) -> str:
+    """Push ``image`` plus the upper as one more (gzip) layer to ``destination``; return the manifest digest.
+
+    The base layers go as the blobs they already are, so a registry that has
+    them (or can mount them from the image's own repository) gets only the new one.
+    """
+    import hashlib
+    import zlib
+
+    from ..image.model import LayerRef
+    from ..image.oci_layout import OCI_LAYER
+    from ..image.registry import push_image
+
+    if upper.record.get("image_id") not in (None, image.id):
+        raise UsageError(f"upper {upper.upper} was made on image {upper.record.get('image')}, not {image.source}")
+    with tempfile.TemporaryDirectory(prefix="layermount-push-") as scratch:
+        tar_path, blob_path = os.path.join(scratch, "upper.tar"), os.path.join(scratch, "upper.tar.gz")
+        with open(tar_path, "wb") as tar_file:
+            write_layer_tar(upper.upper, tar_file)
+        diff_id, digest = hashlib.sha256(), hashlib.sha256()
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        with open(tar_path, "rb") as tar_file, open(blob_path, "wb") as blob_file:
+            while data := tar_file.read(1 << 20):
+                diff_id.update(data)
+                piece = compressor.compress(data)
+                digest.update(piece)
+                blob_file.write(piece)
+            piece = compressor.flush()
+            digest.update(piece)
+            blob_file.write(piece)
+        new_layer = LayerRef(name="upper", open=lambda: open(blob_path, "rb"), digest="sha256:" + digest.hexdigest(),
+                             diff_id="sha256:" + diff_id.hexdigest(), size=os.path.getsize(blob_path),
+                             media_type=OCI_LAYER + "+gzip")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = copy.deepcopy(image.config)
+        config["created"] = now
+        config.setdefault("history", []).append(
+            {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
+        config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        config["rootfs"]["diff_ids"] = [layer.diff_id for layer in image.layers] + [new_layer.diff_id]
+        committed = Image(source=image.source, layers=[*image.layers, new_layer], config=config,
+                               format=image.format, origin=image.origin)
+        return push_image(committed, destination, options, say)

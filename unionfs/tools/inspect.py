@@ -30,7 +30,7 @@ def inspect_image(image: Image) -> dict:
     return {
         "Id": image.id,
         "RepoTags": list(image.repo_tags),
-        "RepoDigests": [],          # an archive does not say which registry manifest it came from
+        "RepoDigests": list(image.repo_digests),   # pulled images only: an archive does not say
         "Parent": "",
         "Comment": _comment(history),
         "Created": config.get("created"),

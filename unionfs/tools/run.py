@@ -84,7 +84,7 @@ def container_from(image: Image, options: RunOptions) -> Container:
 
 
 def run_image(image: Image, store: "LayerStore", options: RunOptions, *, upper_dir: str | None = None,
-              progress=None) -> int:
+              progress=None, jobs: int | None = None) -> int:
     """Mount the image, run the command (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
     container = container_from(image, options)
     check_runnable(container)             # before unpacking: a run that cannot start costs nothing
@@ -99,7 +99,7 @@ def run_image(image: Image, store: "LayerStore", options: RunOptions, *, upper_d
         user = container.user.split(":")[0]
         mount_options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
         container.volumes, volumes_base = fresh_volumes(image.config)
-        mount_image(image, store, mount_options, progress, upper_dir)
+        mount_image(image, store, mount_options, progress, upper_dir, jobs=jobs)
         try:
             container.root = mountpoint
             return run(container, interactive=options.interactive)
