@@ -650,7 +650,7 @@ def _store_ls(store, args: argparse.Namespace) -> int:
         name = (image["RepoTags"] or [os.path.basename(image["Source"] or "") or "<none>"])[0]
         ident = str(image["Id"] or "?").split(":")[-1][:12]
         layers_text = str(len(image["Layers"])) + ("" if image["Complete"] else "*")
-        _print(f"{shown(name, 30):<30}  {ident:<12}  {human_size(image['Size']):>9}  {layers_text:>6}  "
+        _print(f"{shown(name):<30}  {ident:<12}  {human_size(image['Size']):>9}  {layers_text:>6}  "
                f"{(image['Recorded'] or '?')[:19]}")
     if args.layers:
         _print()
