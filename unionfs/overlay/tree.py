@@ -13,7 +13,6 @@ import os
 from typing import NamedTuple
 
 from .. import safepath
-from ..layerform import read_override
 from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing, merge
@@ -37,8 +36,8 @@ class Tree:
         self.inodes = inodes
         present = tuple(index for index, layer in enumerate(layers) if layer is not None)
         top = layers[present[0]]
-        override = read_override(top.root_fd, b".") if top.rootless else None
-        self.root = inodes.make_root(Child(b"", present, Attr(os.stat(top.root_fd), override)))
+        st = os.stat(top.root_fd)
+        self.root = inodes.make_root(Child(b"", present, Attr(st, top.override(top.root_fd, b".", st))))
 
     # ---- listings -------------------------------------------------------------
     def listing(self, node: Node) -> dict[bytes, Child]:
@@ -76,8 +75,8 @@ class Tree:
         for name, entry in merge(listings).items():
             winner = copies[entry.winner]
             layer = self.layers[winner.layer_index]
-            override = read_override(winner.fd, name) if layer.rootless else None
-            attr = Attr(winner.entries[name].stat(follow_symlinks=False), override)
+            st = winner.entries[name].stat(follow_symlinks=False)
+            attr = Attr(st, layer.override(winner.fd, name, st))
             children[name] = Child(name, tuple(copies[p].layer_index for p in entry.sources), attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
@@ -89,7 +88,8 @@ class Tree:
     def refresh(self, child: Child, parent: Node | None) -> Attr:
         """Upper entries change: their attributes are read afresh, never cached."""
         if child.in_upper:
-            upper_fd = self.layers[UPPER].root_fd
+            upper = self.layers[UPPER]
+            upper_fd = upper.root_fd
             relpath = (parent.relpath + b"/" + child.name).lstrip(b"/") if parent is not None else b""
             try:
                 if relpath:
@@ -97,13 +97,15 @@ class Tree:
                     fd = safepath.open_beneath(upper_fd, dir_path, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        override = upper.override(fd, name, st)
                     finally:
                         os.close(fd)
                 else:
                     st = os.stat(upper_fd)
+                    override = upper.override(upper_fd, b".", st)
             except FileNotFoundError:
                 return child.attr
-            child.attr = Attr(st)
+            child.attr = Attr(st, override)
         return child.attr
 
     def attr(self, node: Node) -> Attr:
