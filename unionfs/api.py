@@ -9,7 +9,7 @@ import stat
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from .errors import ImageError, MountError, UsageError
+from .errors import ImageError, UsageError
 from .layerform import OCI, OVERLAY
 from .mount import MountOptions, mount
 from .mountopts import ViewOptions
