@@ -268,8 +268,9 @@ def run_verb(args: argparse.Namespace) -> int:
     image = _load(args, [args.image])
     volumes = image_volumes(image.config)
     if volumes and (args.verbose or args.upper):
-        _print(f"layermount: {_count(len(volumes), 'volume')} ({', '.join(volumes)}) get fresh temporary "
-               f"directories: writes there do not go to the upper layer", file=sys.stderr)
+        what = f"volume {volumes[0]} is a fresh temporary directory" if len(volumes) == 1 else \
+            f"volumes {', '.join(volumes)} are fresh temporary directories"
+        _print(f"layermount: {what}: writes there do not go to the upper layer", file=sys.stderr)
     progress = PullProgress(quiet=args.quiet, stream=sys.stderr, quiet_when_present=not args.verbose)
     return run_image(image, api.store_for(args.store), options, upper_dir=args.upper, progress=progress,
                      jobs=args.jobs)
