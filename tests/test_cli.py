@@ -363,3 +363,21 @@ def test_run_as_a_user_without_root_fails_before_unpacking(busybox, tmp_path):
                             env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and "root" in result.stderr, result.stderr
     assert not store.exists() or not any((store / "layers").glob("*")), "unpacked before failing"
+
+
+def test_run_arguments_are_checked_before_anything_runs(tmp_path):
+    from unionfs.errors import UsageError
+    from unionfs.tools.run import RunOptions, container_from, parse_bind
+
+    image = images.build(tmp_path / "image.tar", layers=[images.BASE])
+    from unionfs import open_image
+    opened = open_image(image)
+    for bad in ("", "a" * 64, "evil\x1b]0;x\x07", "-x", "a/b"):
+        with pytest.raises(UsageError):
+            container_from(opened, RunOptions(hostname=bad))
+    for spec in ("nocolon", "/x:relative", f"{tmp_path}:/in:rx", f"{tmp_path / 'missing'}:/in", ":/in"):
+        with pytest.raises(UsageError):
+            parse_bind(spec)
+    assert parse_bind(f"{tmp_path}:/in:ro") == (str(tmp_path), "/in", True)
+    container = container_from(opened, RunOptions(entrypoint="", command=["/bin/sh", "-c", "true"], env=["A=1", "A=2"]))
+    assert container.argv == ["/bin/sh", "-c", "true"] and container.env.count("A=2") == 1 and "A=1" not in container.env

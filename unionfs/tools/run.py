@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..runtime import HOSTNAME, Container, check_runnable, container_for, fresh_
 
 if TYPE_CHECKING:
     from ..store import LayerStore
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass
@@ -76,6 +79,8 @@ def container_from(image: Image, options: RunOptions) -> Container:
         container.workdir = options.workdir
     if options.user is not None:
         container.user = options.user
+    if not _HOSTNAME.fullmatch(options.hostname):
+        raise UsageError(f"--name {options.hostname!r}: a hostname is 1 to 63 letters, digits, '.', '_' or '-'")
     container.hostname = options.hostname
     container.network = options.network
     container.binds = list(options.binds)
