@@ -418,21 +418,23 @@ def lint_verb(args: argparse.Namespace) -> int:
 
 
 @verb("which", "MOUNTPOINT/PATH [--json]", "which layers have a path, which one wins, what hides what",
-      "layermount which /mnt/root/etc/os-release")
+      "layermount which /mnt/root/etc/os-release", "layermount which /mnt/root/.layers/2/usr/bin/awk",
+      details="PATH is resolved inside the image, as its processes see it (its absolute symlinks stay in it); "
+      "MOUNTPOINT/.layers/N/PATH asks the image as it stood after build step N.")
 @args(lambda p: (p.add_argument("path", help="a path inside a layermount mount"),
                  p.add_argument("--json", action="store_true", help=JSON_HELP + ": one object per layer, top first")))
 def which_verb(args: argparse.Namespace) -> int:
-    from .tools.locate import find_mount, mount_stack
+    from .tools.locate import find_mount
     from .tools.provenance import explain_path
 
-    mountpoint, inside = find_mount(args.path)
-    verdicts = explain_path(mount_stack(mountpoint), inside)
+    found = find_mount(args.path)
+    verdicts = explain_path(_stack_of(found), found.inside)
     visible = any(verdict.note == "wins" for verdict in verdicts)
     if args.json:
-        _print_json({"mountpoint": mountpoint, "path": "/" + inside, "visible": visible,
+        _print_json({"mountpoint": found.mountpoint, "cut": found.cut, "path": "/" + found.inside, "visible": visible,
                      "layers": [{"index": v.index, "name": v.name, "has": v.has, "note": v.note} for v in verdicts]})
         return 0 if visible else 1
-    _print(f"/{inside}  (mount {mountpoint}, layers top first)")
+    _print(f"/{found.inside}  (mount {_view_name(found)}, layers top first)")
     for verdict in verdicts:
         name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name
         _print(f"  layer {verdict.index:>3}  {verdict.has or '-':<12}  {verdict.note:<40}  {name}")
@@ -442,17 +444,32 @@ def which_verb(args: argparse.Namespace) -> int:
 
 
 @verb("explain", "MOUNTPOINT/PATH", "the lookup of a path told step by step, top layer first",
-      "layermount explain /mnt/root/usr/bin/tool")
+      "layermount explain /mnt/root/usr/bin/tool", details="PATH is resolved as for which.")
 @args(lambda p: p.add_argument("path", help="a path inside a layermount mount"))
 def explain_verb(args: argparse.Namespace) -> int:
-    from .tools.locate import find_mount, mount_stack
+    from .tools.locate import find_mount
     from .tools.provenance import explain_lines
 
-    mountpoint, inside = find_mount(args.path)
-    _print(f"Looking up /{inside} in {mountpoint}, top layer first:")
-    for line in explain_lines(mount_stack(mountpoint), inside):
+    found = find_mount(args.path)
+    _print(f"Looking up /{found.inside} in {_view_name(found)}, top layer first:")
+    for line in explain_lines(_stack_of(found), found.inside):
         _print(line)
     return 0
+
+
+def _stack_of(found) -> list[dict]:
+    """The layers the path is looked up in: the mount's, or those of its /.layers/N cut."""
+    from .tools.locate import mount_stack
+    from .tools.provenance import cut_stack
+
+    stack = mount_stack(found.mountpoint)
+    return stack if found.cut is None else cut_stack(stack, found.cut)
+
+
+def _view_name(found) -> str:
+    if found.cut is None:
+        return found.mountpoint
+    return f"{found.mountpoint}/.layers/{found.cut} (the image after build step {found.cut})"
 
 
 def _diff_arguments(parser: argparse.ArgumentParser) -> None:

@@ -95,8 +95,9 @@ class _Entries:
 
     def of_node(self, view: MergedView, node: Node) -> pyfuse3.EntryAttributes:
         if node.unlinked:
-            entry = self.of_attr(view, node.ino, view.attr(node), False)
-            entry.st_nlink = 0     # deleted but still open: its size and times live on in the fd
+            attr = view.attr(node)     # deleted but still open: its size and times live on in the fd
+            entry = self.of_attr(view, node.ino, attr, False)
+            entry.st_nlink = view.link_count(node, attr)
             return entry
         if node.child.in_upper:
             attr = view.attr(node)
@@ -109,6 +110,8 @@ class _Entries:
             return self.of_attr(view, ino, child.attr, child.is_merged_dir)
         if child.reply is None:
             child.reply = self.of_attr(view, ino, child.attr, child.is_merged_dir)
+        if child.attr.nlink > 1 and not child.attr.is_dir:
+            child.reply.st_nlink = view.child_link_count(child)    # its names may go, in this view or a layer
         return child.reply
 
     def virtual(self, inode: int) -> pyfuse3.EntryAttributes:

@@ -9,6 +9,7 @@ in place (``changes``, ``copyup``).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import NamedTuple
 
@@ -17,6 +18,15 @@ from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing, merge
 from .nodes import UPPER, Attr, Child, Node
+
+
+NAME_MAX = 255
+
+
+def check_name_length(name: bytes) -> None:
+    """A name longer than any layer can hold is ENAMETOOLONG, never a mere ENOENT (as on the host)."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
 class _Copy(NamedTuple):
@@ -77,12 +87,20 @@ class Tree:
             layer = self.layers[winner.layer_index]
             st = winner.entries[name].stat(follow_symlinks=False)
             attr = Attr(st, layer.override(winner.fd, name, st))
-            children[name] = Child(name, tuple(copies[p].layer_index for p in entry.sources), attr)
+            children[name] = Child(name, self._down_to_opaque(copies, entry.sources, name), attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:
             node.lower_names = set(children)
         return children
+
+    def _down_to_opaque(self, copies: list[_Copy], positions: tuple[int, ...], name: bytes) -> tuple[int, ...]:
+        """The layers of a child, ending at its first opaque copy (nlink and copy-up tell merged from not)."""
+        sources = tuple(copies[p].layer_index for p in positions)
+        for count, position in enumerate(positions[:-1], 1):
+            if self.layers[copies[position].layer_index].is_opaque_dir(copies[position].fd, name):
+                return sources[:count]
+        return sources
 
     # ---- attributes -------------------------------------------------------------
     def refresh(self, child: Child, parent: Node | None) -> Attr:
@@ -130,6 +148,7 @@ class Tree:
             node = parent if name == b"." else parent.parent or parent
             node.lookups += 1
             return node
+        check_name_length(name)
         child = self.listing(parent).get(name)
         if child is None:
             return None
