@@ -680,7 +680,7 @@ def test_gc_during_a_mount_never_removes_a_layer_it_uses(mounts, tmp_path, store
         reader.join(timeout=30)
     assert not errors, errors
     assert all(result.returncode == 0 for result in outputs), [result.stderr for result in outputs]
-    assert "removed 1 layers" in outputs[0].stdout and outputs[0].stdout.count("in use by a mount") == 2
+    assert "removed 1 layer," in outputs[0].stdout and outputs[0].stdout.count("in use by a mount") == 2
     assert all("removed 0 layers" in result.stdout for result in outputs[1:])
     assert len(store.layers()) == 2 and scratch.exists()
     with open("/proc/sys/vm/drop_caches", "w") as drop:

@@ -137,9 +137,9 @@ def test_inspect_shows_platform_layers_history_and_config(tmp_path):
     image = images.build(tmp_path / "image.tar")
     result = run_layermount("inspect", image, "--json")
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert [layer["created_by"] for layer in summary["layers"]] == images.STEPS
-    assert summary["config"]["Cmd"] == ["/bin/sh"] and summary["repo_tags"] == ["fixture:latest"]
+    summary = json.loads(result.stdout)[0]
+    assert [layer["CreatedBy"] for layer in summary["Layermount"]["Layers"]] == images.STEPS
+    assert summary["Config"]["Cmd"] == ["/bin/sh"] and summary["RepoTags"] == ["fixture:latest"]
     text = run_layermount("inspect", image).stdout
     assert "RUN install app" in text and "Platform:" in text
 
@@ -174,8 +174,8 @@ def test_writable_image_mount_commit_round_trip(mounts, tmp_path, store_dir):
     again = mounts.mount(out, "--read-only", "-q", mountpoint=mounts.mountpoint("again"))
     differences = diff_snapshots(seen, snapshot(again, mtimes=False), ("upper mount", "committed image"))
     assert not differences, "\n".join(differences)
-    history = json.loads(run_layermount("inspect", out, "--json").stdout)["layers"]
-    assert len(history) == 5 and history[-1]["created_by"] == "RUN edit things"
+    history = json.loads(run_layermount("inspect", out, "--json").stdout)[0]["Layermount"]["Layers"]
+    assert len(history) == 5 and history[-1]["CreatedBy"] == "RUN edit things"
     if subprocess.run(["which", "skopeo"], capture_output=True).returncode == 0:
         inspected = subprocess.run(["skopeo", "inspect", f"docker-archive:{out}"], capture_output=True, text=True)
         assert inspected.returncode == 0, inspected.stderr
@@ -204,11 +204,11 @@ def test_throwaway_upper_is_removed_at_unmount(mounts, tmp_path, store_dir):
 def test_history_lists_steps_top_first_and_what_the_store_has(tmp_path, store_dir):
     image = images.build(tmp_path / "image.tar")
     before = run_layermount("history", image, "--store", store_dir).stdout.splitlines()
-    assert [line.split()[-1] for line in before[1:5]] == ["things", "true", "app", "/"]
-    assert all(" no " in line for line in before[1:5])
+    assert [line.split()[-1] for line in before[1:5]] == ["no", "no", "no", "no"]
+    assert all(f"  {step}  " in line for step, line in zip(reversed(images.STEPS), before[1:5])), before
     run_layermount("unpack", image, "--store", store_dir, "-q", check=True)
     after = run_layermount("history", image, "--store", store_dir).stdout.splitlines()
-    assert all(" yes " in line for line in after[1:5])
+    assert [line.split()[-1] for line in after[1:5]] == ["yes", "yes", "yes", "yes"]
 
 
 def test_lint_reports_odd_and_dangerous_members(tmp_path):
@@ -230,7 +230,8 @@ def test_lint_reports_odd_and_dangerous_members(tmp_path):
                      "layer 2: /opt/.wh.x: whiteout inside an opaque directory",
                      "layer 2: /etc/up: symlink to '../../../host' climbs above the image root",
                      "layer 2: /srv: world-writable directory without the sticky bit",
-                     "warning: layer 2: /bin/su: setuid file", "warning: layer 1: /dev/null: device node 1:3",
+                     "info: 2 paths: setuid or setgid root files in system directories",
+                     "warning: layer 1: /dev/sda: device node 8:0",
                      "error: layer 3: /../escape: path has a '..' component",
                      "warning: layer 3: /ok/.wh.: a bare '.wh.' marker, which hides nothing",
                      "error: layer 3: /ok/link: hardlink to '/etc/passwd' which is not in this layer", "2 errors"):

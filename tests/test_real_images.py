@@ -311,7 +311,7 @@ def test_images_were_built_by_the_real_tools(debian):
     for form, image in debian.images.items():
         result = run_layermount("inspect", image, "--json", *(["--image", UMOCI_TAG] if "umoci" in form else []))
         assert result.returncode == 0, f"{form}: {result.stderr}"
-        inspected[form] = [layer["diff_id"] for layer in json.loads(result.stdout)["layers"]]
+        inspected[form] = json.loads(result.stdout)[0]["RootFS"]["Layers"]
     assert len({tuple(ids) for ids in inspected.values()}) == 1, inspected
     assert len(inspected["docker"]) == 3
     skopeo = json.loads(sh("skopeo", "inspect", f"docker-archive:{debian.images['skopeo-docker']}").stdout)
@@ -461,7 +461,7 @@ def test_second_image_reuses_the_base_layer(debian, debian_store, tmp_path):
     result = run_layermount("unpack", second, "--store", debian_store, timeout=600)
     assert result.returncode == 0, result.stderr
     after = set(os.listdir(debian_store / "layers"))
-    base = json.loads(run_layermount("inspect", second, "--json").stdout)["layers"][0]["diff_id"]
+    base = json.loads(run_layermount("inspect", second, "--json").stdout)[0]["RootFS"]["Layers"][0]
     short = base.split(":", 1)[1][:12]
     assert re.search(rf"^{short}: Already exists$", result.stdout, re.M), result.stdout
     assert len(re.findall(r"Already exists", result.stdout)) == 1, result.stdout

@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 from dataclasses import dataclass, field
 
 from . import safepath
@@ -80,6 +81,8 @@ class Container:
     hostname: str = HOSTNAME
     volumes: dict[str, str] = field(default_factory=dict)   # path in the container -> host dir
     network: str = "none"                                   # "none": own namespace, loopback only
+    binds: list[tuple[str, str, bool]] = field(default_factory=list)   # -v HOST:CTR[:ro]: (host, inside, ro)
+    tty: bool = False                   # stdio is a pty of our own: make it the controlling terminal
 
 
 def container_for(config: dict, root: str, command: list[str]) -> Container:
@@ -126,8 +129,8 @@ def _string(runtime: dict, key: str) -> str:
     return value
 
 
-def run(container: Container) -> int:
-    """Run the container's command to its end; its exit code is returned."""
+def check_runnable(container: Container) -> None:
+    """What ``run`` needs from this host and these arguments: asked before anything is unpacked."""
     if os.geteuid() != 0:
         raise LayermountError("layermount run needs root (it makes mount and PID namespaces)")
     if shutil.which("unshare") is None:
@@ -136,7 +139,17 @@ def run(container: Container) -> int:
         raise LayermountError(f"layermount run does not know pivot_root(2) on {MACHINE}")
     if container.network not in NETWORKS:
         raise UsageError(f"--network: {container.network!r} is not one of {', '.join(NETWORKS)}")
+
+
+def run(container: Container, *, interactive: bool = True) -> int:
+    """Run the container's command to its end; its exit code is returned.
+
+    With ``container.tty`` the command gets a new pty; ``interactive`` relays our stdin into it.
+    """
+    check_runnable(container)
     spec = json.dumps(container.__dict__)
+    if container.tty:
+        from .ptyrelay import run_on_pty
     namespaces = ["--mount", "--pid", "--uts", "--ipc", "--cgroup"]
     if container.network == "none":
         namespaces.append("--net")
@@ -146,6 +159,9 @@ def run(container: Container) -> int:
     # with it (its parent-death signal), and the caller unmounts.
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
+        if container.tty:
+            return run_on_pty(lambda pty: subprocess.Popen(command, preexec_fn=_die_with_parent, stdin=pty,
+                                                           stdout=pty, stderr=pty), forward_input=interactive)
         return subprocess.run(command, preexec_fn=_die_with_parent).returncode
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -165,7 +181,8 @@ def _enter(container: Container) -> None:
     root_fd = os.open(container.root, os.O_RDONLY | os.O_DIRECTORY)
     # The host's files are reachable only until the pivot: bind what comes from there first.
     _bind_volumes(root_fd, container.volumes)
-    _make_dev(root_fd)
+    _bind_host_dirs(root_fd, container.binds)
+    _make_dev(root_fd, console=container.tty)
     for name in ("proc", "sys"):
         os.close(_runtime_mountpoint(root_fd, name))
     _pivot_into(root_fd)
@@ -178,7 +195,7 @@ def _enter(container: Container) -> None:
     env = dict(item.split("=", 1) for item in container.env if "=" in item)
     env.setdefault("HOSTNAME", container.hostname)
     env.setdefault("HOME", "/root" if uid == 0 else "/")
-    _drop_privileges(uid, gid, groups, net_raw=container.network == "none")
+    _drop_privileges(uid, gid, groups, net_raw=container.network == "none", terminal=container.tty)
     try:
         os.execvpe(container.argv[0], container.argv, env)
     except FileNotFoundError:
@@ -205,6 +222,20 @@ def _bind_volumes(root_fd: int, volumes: dict[str, str]) -> None:
         # An fd's magic link names the directory under the new mount: look the path up again.
         target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
         _mount("", safepath.fd_path(target), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+        os.close(target)
+
+
+def _bind_host_dirs(root_fd: int, binds: list[tuple[str, str, bool]]) -> None:
+    """``-v HOST:CTR[:ro]``: the user's host directory bound (nosuid, nodev) beneath the root, never chowned."""
+    for host, inside, read_only in binds:
+        source = os.open(host, os.O_PATH | os.O_DIRECTORY)
+        target = make_dirs_in_root(root_fd, inside)
+        _mount(os.fsdecode(safepath.fd_path(source)), safepath.fd_path(target), None, MS_BIND | MS_REC)
+        os.close(source)
+        os.close(target)
+        target = safepath.open_in_root(root_fd, inside.encode("utf-8", "surrogateescape"), os.O_PATH)
+        _mount("", safepath.fd_path(target), None,
+               MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0))
         os.close(target)
 
 
@@ -238,8 +269,12 @@ def make_dirs_in_root(root_fd: int, path: str) -> int:
         raise
 
 
-def _make_dev(root_fd: int) -> None:
-    """A fresh nodev tmpfs /dev with the host's harmless devices bound in, and /dev/shm."""
+def _make_dev(root_fd: int, *, console: bool = False) -> None:
+    """A fresh nodev tmpfs /dev with the host's harmless devices bound in, and /dev/shm.
+
+    ``console``: the run's own pty (our stdin) bound at /dev/console, as runc does, so
+    that ttyname() finds it once the host's /dev/pts is gone.
+    """
     dev = _runtime_mountpoint(root_fd, "dev")
     _mount("tmpfs", safepath.fd_path(dev), "tmpfs", MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=755,size=64k")
     os.close(dev)
@@ -249,6 +284,9 @@ def _make_dev(root_fd: int) -> None:
             if os.path.exists(f"/dev/{name}"):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666, dir_fd=dev))
                 _mount(f"/dev/{name}", safepath.fd_path(dev, name.encode()), None, MS_BIND)
+        if console:
+            os.close(os.open("console", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=dev))
+            _mount(os.ttyname(0), safepath.fd_path(dev, b"console"), None, MS_BIND)
         for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2")):
             os.symlink(target, link, dir_fd=dev)
@@ -327,12 +365,13 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
-def _drop_privileges(uid: int, gid: int, groups: list[int], *, net_raw: bool) -> None:
+def _drop_privileges(uid: int, gid: int, groups: list[int], *, net_raw: bool, terminal: bool = False) -> None:
     """Docker's default capabilities in the bounding set, none inheritable or ambient; then the user.
 
     A non-root user loses its effective and permitted sets at setuid (the kernel does that)
     and gets no_new_privs, so no setuid file in the image can give them back. The new session
     takes the controlling terminal away: without it, TIOCSTI cannot type into the host's shell.
+    With ``terminal`` (``run -t``) stdin is a pty of the run's own, made the new controlling one.
     """
     kept = sum(1 << number for number in KEPT_CAPABILITIES.values()) | (1 << CAP_NET_RAW if net_raw else 0)
     with open("/proc/sys/kernel/cap_last_cap") as handle:
@@ -347,6 +386,8 @@ def _drop_privileges(uid: int, gid: int, groups: list[int], *, net_raw: bool) ->
     if _libc.capset(header, data) != 0:
         _raise_errno("set the capabilities")
     os.setsid()
+    if terminal:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)

@@ -116,7 +116,7 @@ def test_index_fan_out_is_walked_once_per_digest(tmp_path):
     assert 120_000 < layout_bytes < 250_000
     result = run_layermount("inspect", root, "--json", timeout=60)
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)["layers"]) == 1
+    assert len(json.loads(result.stdout)[0]["RootFS"]["Layers"]) == 1
 
 
 def test_descriptor_count_is_capped(tmp_path):
@@ -317,9 +317,9 @@ def test_inspect_and_history_escape_image_strings(tmp_path, store_dir):
         assert_terminal_safe(result.stdout, result.stderr)
         assert ESCAPED in result.stdout, result.stdout
     assert inspect.stdout.count(ESCAPED) >= 6
-    summary = json.loads(run_layermount("inspect", image, "--json").stdout)
-    assert summary["repo_tags"] == [f"app{PAYLOAD}:1"] and summary["config"]["WorkingDir"] == PAYLOAD
-    assert summary["layers"][0]["created_by"] == PAYLOAD
+    [summary] = json.loads(run_layermount("inspect", image, "--json").stdout)
+    assert summary["RepoTags"] == [f"app{PAYLOAD}:1"] and summary["Config"]["WorkingDir"] == PAYLOAD
+    assert summary["Layermount"]["Layers"][0]["CreatedBy"] == PAYLOAD
 
 
 def test_errors_escape_tags_platforms_and_file_names(tmp_path):
@@ -429,7 +429,7 @@ def test_lint_errors_exactly_where_unpack_refuses(tmp_path, store_dir, case):
     assert lint.returncode == 1
     errors = [line for line in lint.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: layer 1: /{refused}: "), lint.stdout
-    assert lint.stdout.rstrip().endswith("1 errors, 0 warnings")
+    assert lint.stdout.rstrip().endswith("1 error, 0 warnings, 0 info")
 
 
 # ---- also: a bomb inside a compressed outer archive -----------------------------------------

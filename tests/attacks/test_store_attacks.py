@@ -279,7 +279,7 @@ def test_commit_never_tars_a_host_file_through_a_directory_swapped_mid_walk(shar
     next names of that directory resolve on the host. Must hold: the layer written holds the
     upper's own files, never the host's secret (deterministic: the swap runs inside the write of
     the big file's data)."""
-    from unionfs.diff import write_layer_tar
+    from unionfs.tools.diff import write_layer_tar
 
     image = image_with(shared_dir / "image.tar", SETUID_IMAGE)
     mountpoint, upper = shared_dir / "mnt", shared_dir / "upper"

@@ -14,12 +14,12 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from . import fstree
-from .errors import LayermountError
-from .layerform import (HIDDEN_XATTR_PREFIXES, OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_opaque,
+from .. import fstree
+from ..errors import LayermountError
+from ..layerform import (HIDDEN_XATTR_PREFIXES, OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_opaque,
                         whiteout_target)
-from .overlay import Layer, MergedView
-from .safepath import fd_path
+from ..overlay import Layer, MergedView
+from ..safepath import fd_path
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 

@@ -7,9 +7,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .errors import UsageError
-from .layerform import whiteout_name
-from .overlay import Layer, MergedView
+from ..errors import UsageError
+from ..layerform import whiteout_name
+from ..overlay import Layer, MergedView
 
 UPPER_NAME = "upper"      # the name the mount gives its upper in its stack
 
