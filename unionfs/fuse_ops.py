@@ -72,12 +72,14 @@ class _Entries:
     def __init__(self, views: ViewRouter):
         self.views = views
 
-    def of_attr(self, view: MergedView, ino: int, attr: Attr, merged_dir: bool) -> pyfuse3.EntryAttributes:
+    def of_attr(self, ino: int, attr: Attr, merged_dir: bool, in_upper: bool) -> pyfuse3.EntryAttributes:
+        """``in_upper``: the upper supplies the entry (by the node, never by st_dev: the store and
+        the upper usually share one filesystem, and a lower entry must still be cached for long)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = ino
         entry.generation = 0
         entry.entry_timeout = LOWER_TIMEOUT
-        entry.attr_timeout = UPPER_ATTR_TIMEOUT if view.may_change(attr) else LOWER_TIMEOUT
+        entry.attr_timeout = UPPER_ATTR_TIMEOUT if in_upper else LOWER_TIMEOUT
         entry.st_mode = attr.mode
         # Like kernel overlayfs: a merged directory's link count is not knowable
         # without listing every layer, so it reports 1 (find copes with that).
@@ -95,25 +97,26 @@ class _Entries:
 
     def of_node(self, view: MergedView, node: Node) -> pyfuse3.EntryAttributes:
         if node.unlinked:
-            entry = self.of_attr(view, node.ino, view.attr(node), False)
+            entry = self.of_attr(node.ino, view.attr(node), False, True)
             entry.st_nlink = 0     # deleted but still open: its size and times live on in the fd
             return entry
         if node.child.in_upper:
             attr = view.attr(node)
-            return self.of_attr(view, node.ino, attr, attr.is_dir and len(node.sources) > 1)
+            return self.of_attr(node.ino, attr, attr.is_dir and len(node.sources) > 1, True)
         return self.of_child(view, node.ino, node.child)
 
     def of_child(self, view: MergedView, ino: int, child: Child) -> pyfuse3.EntryAttributes:
         """Lower entries never change: their reply is built once and reused (readdir replays it often)."""
         if child.in_upper:
-            return self.of_attr(view, ino, child.attr, child.is_merged_dir)
+            return self.of_attr(ino, child.attr, child.is_merged_dir, True)
         if child.reply is None:
-            child.reply = self.of_attr(view, ino, child.attr, child.is_merged_dir)
+            child.reply = self.of_attr(ino, child.attr, child.is_merged_dir, False)
         return child.reply
 
     def virtual(self, inode: int) -> pyfuse3.EntryAttributes:
         """/.layers itself (a directory) and its short-digest aliases (symlinks)."""
-        entry = self.of_attr(self.views.live, inode, self.views.live.root.attr, False)
+        live = self.views.live
+        entry = self.of_attr(inode, live.root.attr, False, live.writable)
         entry.st_mode, entry.st_nlink, entry.st_size = self.views.virtual_shape(inode)
         entry.st_uid = entry.st_gid = 0
         return entry
