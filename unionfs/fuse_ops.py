@@ -76,8 +76,7 @@ class _Entries:
         """``in_upper``: the upper supplies the entry (by the node, never by st_dev: the store and
         the upper usually share one filesystem, and a lower entry must still be cached for long)."""
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = ino
-        entry.generation = 0
+        entry.st_ino = ino                 # generation 0 and st_blksize 4096 are pyfuse3's defaults
         entry.entry_timeout = LOWER_TIMEOUT
         entry.attr_timeout = UPPER_ATTR_TIMEOUT if in_upper else LOWER_TIMEOUT
         entry.st_mode = attr.mode
@@ -88,7 +87,6 @@ class _Entries:
         entry.st_gid = attr.gid
         entry.st_rdev = attr.rdev
         entry.st_size = attr.size
-        entry.st_blksize = 4096
         entry.st_blocks = attr.blocks
         entry.st_atime_ns = attr.atime_ns
         entry.st_mtime_ns = attr.mtime_ns
@@ -106,12 +104,9 @@ class _Entries:
         return self.of_child(view, node.ino, node.child)
 
     def of_child(self, view: MergedView, ino: int, child: Child) -> pyfuse3.EntryAttributes:
-        """Lower entries never change: their reply is built once and reused (readdir replays it often)."""
-        if child.in_upper:
-            return self.of_attr(ino, child.attr, child.is_merged_dir, True)
-        if child.reply is None:
-            child.reply = self.of_attr(ino, child.attr, child.is_merged_dir, False)
-        return child.reply
+        """Built afresh each time: kept per entry, the replies were a third of the daemon's memory
+        after a walk, and building one costs less than the request that carries it."""
+        return self.of_attr(ino, child.attr, child.is_merged_dir, child.in_upper)
 
     def virtual(self, inode: int) -> pyfuse3.EntryAttributes:
         """/.layers itself (a directory) and its short-digest aliases (symlinks)."""

@@ -26,7 +26,6 @@ class _Copy(NamedTuple):
     layer_index: int
     fd: int
     listing: DirListing
-    entries: dict[bytes, os.DirEntry]
 
 
 class Tree:
@@ -53,7 +52,7 @@ class Tree:
                 layer = self.layers[index]
                 fd = layer.open_dir(node.relpath)
                 if fd is not None:
-                    copies.append(_Copy(index, fd, *layer.scan(fd)))
+                    copies.append(_Copy(index, fd, layer.scan(fd)))
             if node.parent is None:
                 # Kernel overlayfs (so Docker's overlay2 and containerd too) never lets a layer's
                 # root be opaque: an opaque marker there hides nothing.
@@ -73,12 +72,17 @@ class Tree:
     def _children(self, node: Node, copies: list[_Copy]) -> dict[bytes, Child]:
         listings = [copy.listing for copy in copies]
         children: dict[bytes, Child] = {}
-        for name, entry in merge(listings).items():
-            winner = copies[entry.winner]
-            layer = self.layers[winner.layer_index]
-            override = read_override(winner.fd, name) if layer.rootless else None
-            attr = Attr(winner.entries[name].stat(follow_symlinks=False), override)
-            children[name] = Child(name, tuple(copies[p].layer_index for p in entry.sources), attr)
+        # Per copy: its fd, whether override xattrs are to be read, and the one-layer
+        # sources tuple most children share (one object, not one per child).
+        sides = [(copy.fd, self.layers[copy.layer_index].rootless, (copy.layer_index,)) for copy in copies]
+        stat = os.stat
+        for name, (_, _, sources) in merge(listings).items():
+            fd, rootless, alone = sides[sources[0]]
+            st = stat(name, dir_fd=fd, follow_symlinks=False)
+            attr = Attr(st, read_override(fd, name)) if rootless else Attr(st)
+            if len(sources) > 1:
+                alone = tuple(copies[position].layer_index for position in sources)
+            children[name] = Child(name, alone, attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:
