@@ -1148,6 +1148,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         command.add_argument("--dir", help="where to make the temp dir (same disk for every mounter)")
         command.add_argument("--layermount", metavar="PATH", help="the layermount binary to use")
+        command.add_argument("--baseline", metavar="PATH",
+                             help="another layermount binary (e.g. main's) as one more column, for before/after")
     return parser.parse_args(argv)
 
 
@@ -1167,6 +1169,10 @@ def main(argv: list[str] | None = None) -> int:
     mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
     if args.mode == "requests":
         mounters.append(NullFs())
+    if args.baseline and args.mode != "unpack":
+        baseline = find_layermount(args.baseline)
+        baseline.name = "layermount baseline"
+        mounters.append(baseline)
     reps = 1 if args.quick else 3
     if args.mode == "unpack":
         return main_unpack(args, mounters[-1], reps)
