@@ -5,6 +5,7 @@
   scripts/bench.py write [--quick] [--json FILE]   creates, a big write, copy-up, rm -rf of a lower tree
   scripts/bench.py unpack [--quick] [--json FILE]  layermount unpack vs GNU tar -xzf, layer after layer
   scripts/bench.py mount-ready [--quick]           mount to ready (median of 20 mounts), and where it goes
+  scripts/bench.py pull [--quick] [--rate MB/S]    layermount pull vs skopeo copy to a layout + unpack of it
   scripts/bench.py requests [--quick] [--json FILE] per-file costs on one flat dir, with a do-nothing
                                                    pyfuse3 floor ("nullfs"); FUSE requests per operation;
                                                    a 20,000-entry merged listdir; daemon RSS after a walk
@@ -29,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import statistics
 import subprocess
@@ -1113,6 +1115,131 @@ def bench_mount_ready(session: Session, mounters: list[Mounter], reps: int) -> R
     return results
 
 
+class ThrottledProxy:
+    """A TCP proxy to 127.0.0.1:``port`` that passes at most ``rate`` bytes a second towards the client
+    (all connections together), standing in for a network slower than loopback."""
+
+    def __init__(self, port: int, rate: float):
+        import threading
+
+        self.port, self.rate = port, rate
+        self._lock = threading.Lock()
+        self._next_free = time.monotonic()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self._threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            self._threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if throttled:
+                    with self._lock:
+                        start = max(self._next_free, time.monotonic())
+                        self._next_free = start + len(data) / self.rate
+                    time.sleep(max(start - time.monotonic(), 0))
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def bench_pull(session: Session, reps: int, layermount_binary: str,
+               rate: float | None = None) -> list[tuple[str, float, float]]:
+    """Pull + unpack from a local docker-registry: layermount's one pass (3 layers at once) against
+    what a user does today, skopeo copy docker://... oci:DIR and then the unpack of that layout.
+    With ``rate`` (bytes/s) both fetch through a throttling proxy, as over a slower network."""
+    sys.path.insert(0, str(REPO))
+    from unionfs.image.writer import new_config, write_image
+
+    registry_binary, skopeo = shutil.which("docker-registry"), shutil.which("skopeo")
+    if not registry_binary or not skopeo:
+        raise BenchError("needs docker-registry and skopeo (scripts/setup installs them)")
+    progress("making a 4-layer gzip image (4 x 3,000 files, plus a 24 MiB file per layer)")
+    rng = random.Random(11)
+    layer_paths = []
+    for index in range(4):
+        tree = session.root / f"pull-src{index}"
+        for number in range(3000):
+            directory = tree / f"layer{index}" / f"d{number // 100}"
+            directory.mkdir(parents=True, exist_ok=True)
+            size = rng.choice(SMALL_FILE_SIZES)
+            write_bytes(directory / f"f{number}", (b"%d-" % number) * (size // 6 + 1))
+        write_bytes(tree / f"layer{index}" / "big", rng.randbytes(12 * MiB) * 2)
+        tar_path = session.root / f"pull-layer{index}.tar"
+        run(["tar", "-cf", tar_path, "-C", tree, "."])
+        shutil.rmtree(tree)
+        layer_paths.append(tar_path)
+    image = session.root / "pull-image.tar"
+    write_image(image, [str(path) for path in layer_paths], new_config([f"layer {i}" for i in range(4)]),
+                compression="gzip")
+    for path in layer_paths:
+        path.unlink()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = session.root / "registry.yml"
+    config.write_text(json.dumps({"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+                                  "storage": {"filesystem": {"rootdirectory": str(session.root / "registry")}},
+                                  "http": {"addr": host}}))
+    registry = subprocess.Popen([registry_binary, "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    proxy = None
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(host.split(":"), timeout=1):
+                break
+            time.sleep(0.05)
+        progress(f"pushing it into docker-registry on {host} with skopeo")
+        run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"docker-archive:{image}",
+             f"docker://{host}/bench/image:v1"])
+        proxy = ThrottledProxy(int(host.split(":")[1]), rate) if rate else None
+        ref = f"docker://{proxy.host if proxy else host}/bench/image:v1"
+
+        def with_skopeo() -> None:
+            layout = session.root / "layout"
+            run([skopeo, "copy", "-q", "--src-tls-verify=false", ref, f"oci:{layout}:v1"])
+            run([layermount_binary, "unpack", f"oci:{layout}:v1", "--store", session.root / "store-skopeo", "-q"])
+
+        def with_layermount() -> None:
+            run([layermount_binary, "pull", ref, "--store", session.root / "store-pull", "-q"])
+
+        cases = (("skopeo copy to oci: + layermount unpack", with_skopeo, ("layout", "store-skopeo")),
+                 ("layermount pull (streamed, verified)", with_layermount, ("store-pull",)))
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        for _ in range(reps):           # interleaved, so a change of load hits both alike
+            for name, operation, outputs in cases:
+                run(["sync"])
+                drop_caches()
+                seconds, _ = timed(operation)
+                samples[name].append(seconds)
+                for output in outputs:
+                    shutil.rmtree(session.root / output)
+        progress("samples: " + "; ".join(f"{name}: {', '.join(f'{value:.2f}' for value in values)}"
+                                         for name, values in samples.items()))
+        rows = [(name, statistics.median(values), 0.0) for name, values in samples.items()]
+    finally:
+        if proxy is not None:
+            proxy.close()
+        registry.terminate()
+        registry.wait(timeout=30)
+    baseline = rows[0][1]
+    return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
+
+
 BENCHMARKS = {
     "mount": (bench_mount, "read-only mount: mount, walks, reads, lookups through deep stacks"),
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
@@ -1127,21 +1254,31 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
         return 1
     session = Session(args.dir)
     try:
-        rows = bench_unpack(session, reps, layermount.binary)
+        if args.mode == "pull":
+            rows = bench_pull(session, reps, layermount.binary, args.rate * 1e6 if args.rate else None)
+        else:
+            rows = bench_unpack(session, reps, layermount.binary)
+    except BenchError as exc:
+        print(f"bench.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         session.close()
-    print(f"\nunpack: 4-layer gzip image (median of {reps}, caches dropped before each run)")
+    what = ""
+    if args.mode == "pull":
+        what = "from a local docker-registry " + (f"through a {args.rate:g} MB/s proxy " if args.rate else "")
+    print(f"\n{args.mode}: 4-layer gzip image {what}(median of {reps}, caches dropped before each run)")
     for name, seconds, ratio in rows:
-        print(f"  {name:<36} {seconds:8.2f} s   {ratio:5.2f}x")
+        print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": "unpack", "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"mode": args.mode, "rows": rows}, indent=2) + "\n")
     return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="mode", required=True)
-    modes = dict(BENCHMARKS, unpack=(None, "layermount unpack vs sequential GNU tar -xzf of the same layers"))
+    modes = dict(BENCHMARKS, unpack=(None, "layermount unpack vs sequential GNU tar -xzf of the same layers"),
+                 pull=(None, "layermount pull vs skopeo copy to an OCI layout + unpack of it"))
     for mode, (_, help_text) in modes.items():
         command = commands.add_parser(mode, help=help_text)
         command.add_argument("--quick", action="store_true", help="one run per measurement instead of 3")
@@ -1150,6 +1287,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--layermount", metavar="PATH", help="the layermount binary to use")
         command.add_argument("--baseline", metavar="PATH",
                              help="another layermount binary (e.g. main's) as one more column, for before/after")
+        if mode == "pull":
+            command.add_argument("--rate", type=float, metavar="MB/S",
+                                 help="fetch through a proxy passing this many MB a second (a slower network)")
     return parser.parse_args(argv)
 
 
@@ -1169,12 +1309,12 @@ def main(argv: list[str] | None = None) -> int:
     mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
     if args.mode == "requests":
         mounters.append(NullFs())
-    if args.baseline and args.mode != "unpack":
+    if args.baseline and args.mode not in ("unpack", "pull"):
         baseline = find_layermount(args.baseline)
         baseline.name = "layermount baseline"
         mounters.append(baseline)
     reps = 1 if args.quick else 3
-    if args.mode == "unpack":
+    if args.mode in ("unpack", "pull"):
         return main_unpack(args, mounters[-1], reps)
     benchmark, description = BENCHMARKS[args.mode]
     signal.signal(signal.SIGTERM, raise_interrupt)

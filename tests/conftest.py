@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from unionfs import fstree
 from unionfs.mount import FSTYPE, daemon_pid, is_mounted, mount_entries
 
 LAYERMOUNT = [sys.executable, "-m", "unionfs"]
@@ -122,4 +123,25 @@ def no_mount_left_behind(tmp_path_factory):
     left = [point for point, kind in mount_entries() if kind == FSTYPE and point.startswith(base)]
     for point in left:
         subprocess.run(["fusermount3", "-uz", point], capture_output=True)
+    _remove_deep_trees(Path(base))
     assert not left, f"tests left layermount mounts behind: {sorted(left)}"
+
+
+def _remove_deep_trees(base: Path, deep: int = 400) -> None:
+    """Remove each test's temp dir that holds a tree deeper than ``deep`` levels (the attack tests make them).
+
+    pytest deletes old temp dirs with the recursive shutil.rmtree, which dies with RecursionError on
+    such a tree and takes the next run (CI's included) down with it; fstree removes any depth.
+    """
+    for test_dir in base.iterdir():
+        if test_dir.is_symlink() or not test_dir.is_dir():
+            continue
+        fd = os.open(test_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            too_deep = any(entry.relpath.count("/") >= deep for entry in fstree.walk(fd))
+        except OSError:
+            too_deep = True
+        finally:
+            os.close(fd)
+        if too_deep:
+            fstree.remove_tree(test_dir)

@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -229,3 +230,105 @@ def diff_snapshots(a: dict[str, dict], b: dict[str, dict], names: tuple[str, str
                 if left != right:
                     lines.append(f"{rel}: {key} {first}={_show(key, left)} {second}={_show(key, right)}")
     return lines
+
+
+def stamps(root: str | os.PathLike) -> dict[str, dict]:
+    """Every entry's type, mtime, link count and inode number under ``root`` (atime and ctime aside).
+
+    The companion of ``snapshot`` for the attributes that change with each
+    operation: the differential tests take one after every step.
+    """
+    root = os.path.realpath(root)
+    entries: dict[str, dict] = {}
+    pending = ["."]
+    while pending:
+        rel = pending.pop()
+        path = os.path.normpath(os.path.join(root, rel))
+        info = os.lstat(path)
+        kind = FILE_TYPES[stat.S_IFMT(info.st_mode)]
+        entries[rel] = {"type": kind, "mtime_ns": info.st_mtime_ns, "nlink": info.st_nlink, "ino": info.st_ino}
+        if kind == "dir":
+            pending.extend(name if rel == "." else f"{rel}/{name}" for name in os.listdir(path))
+    return dict(sorted(entries.items()))
+
+
+class MtimeClock:
+    """Names each entry's mtime by the step that last set it, so two mounts made at different times compare.
+
+    An entry whose mtime is unchanged since the last step keeps its name. A new
+    or changed mtime is "@N" when the clock stamped it during step N (it is not
+    older than the step's start) or it was never seen before; an older value
+    seen before (a rename, a copy-up keeping the lower time) keeps that value's
+    name. Values present when the mount was made are named by their first path
+    (the root's, the upper's own, only by itself).
+    """
+
+    def __init__(self):
+        self.by_value: dict[int, str] = {}
+        self.last: dict[str, tuple[int, str]] = {}
+
+    def observe(self, step: int, step_start_ns: int, entries: dict[str, dict]) -> dict[str, str]:
+        names = {}
+        for rel, entry in entries.items():
+            value = entry["mtime_ns"]
+            previous = self.last.get(rel)
+            if previous is not None and previous[0] == value:
+                name = previous[1]
+            elif step == 0:
+                name = f"@0 {rel}"
+                if rel == ".":   # the upper's own root, made just now: its time may equal a lower's
+                    names[rel] = name
+                    continue
+            elif value >= step_start_ns or value not in self.by_value:
+                name = f"@{step}"
+            else:
+                name = self.by_value[value]
+            self.by_value.setdefault(value, name)
+            names[rel] = name
+        self.last = {rel: (entry["mtime_ns"], names[rel]) for rel, entry in entries.items()}
+        return names
+
+
+def coarse_now_ns() -> int:
+    return time.clock_gettime_ns(5)   # CLOCK_REALTIME_COARSE, the clock the kernel stamps inodes with
+
+
+def next_clock_tick() -> None:
+    """Wait until the kernel's coarse clock moves on, so consecutive operations get distinct timestamps."""
+    start = coarse_now_ns()
+    while coarse_now_ns() == start:
+        time.sleep(0.001)
+
+
+# Where layermount is right and kernel overlayfs approximate, on purpose; the one list of them.
+DELIBERATE_DIFFERENCES = {
+    "nlink of a lower file": (
+        "st_nlink of a file is the number of names the merged view has for it (what a fresh unpack "
+        "of the merged tree gives); kernel overlayfs reports the lower inode's own count for a file "
+        "it has not copied up, counting partners that a later layer or the upper deleted"),
+    "nlink of a directory": (
+        "a directory's st_nlink is 2 + its subdirectories where layermount has its whole copy in the upper "
+        "(e.g. a renamed lower directory, copied up whole); kernel overlayfs says 1 for every directory with "
+        "a lower part (merged or redirected), which find and fts take as 'count unknown'"),
+}
+
+
+def kernel_nlink_is_the_lower_count(rel: str, nlink: int, kernel_upper: Path, lowers_top_first) -> bool:
+    """True when the kernel's nlink for ``rel`` is the deliberate difference "nlink of a lower file":
+    the upper has no copy of it (nothing, or the whiteout an unlink left) and it is the lower's count."""
+    try:
+        upper = os.lstat(Path(kernel_upper) / rel)
+        if not (stat.S_ISCHR(upper.st_mode) and upper.st_rdev == 0):
+            return False
+    except FileNotFoundError:
+        pass
+    for lower in lowers_top_first:
+        path = Path(lower) / rel
+        if os.path.lexists(path):
+            return os.lstat(path).st_nlink == nlink
+    return False
+
+
+def directory_nlink_is_deliberate(ours: int, kernels: int, exact: int) -> bool:
+    """True for the deliberate difference "nlink of a directory": layermount knows, the kernel says 1."""
+    return ours == exact and kernels == 1

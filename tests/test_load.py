@@ -297,23 +297,83 @@ def test_new_directory_is_usable_while_a_removed_one_is_still_open(mounts, tmp_p
     assert sorted(os.listdir(point / "d")) == ["keep", "y"]
 
 
-def test_reopening_a_replaced_file_never_reaches_the_file_that_replaced_it(mounts, tmp_path):
+@pytest.mark.xfail(strict=True, reason="removing the last name of a file whose hardlink partner went first leaves its "
+                   "host inode number unretired (overlay.py MergedView._orphan reads the listing's stale nlink, 2), so "
+                   "a new entry the host gives that number is served under the old st_ino: the kernel merges the two "
+                   "(a new file is read through the old handle, a new directory is EIO); what trips stress-ng's dir, "
+                   "dirdeep and touch stressors run beside link")
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_held_file_whose_hardlinks_are_all_removed_never_shares_its_number(mounts, tmp_path, kind):
     lower = make_tree(tmp_path / "lower", {"d/keep": b"keep"})
     point, _ = overlay_mount(mounts, tmp_path, [lower])
+    reused = 0
+    for attempt in range(40):   # ext4 hands a freed inode number out again at once, nearly always
+        first, second, new = (point / f"d/{name}{attempt}" for name in ("a", "b", "new"))
+        first.write_bytes(b"the removed file")
+        os.link(first, second)
+        host_ino = os.stat(tmp_path / f"upper/d/a{attempt}").st_ino
+        handle = os.open(first, os.O_PATH)   # the kernel keeps the inode; the daemon holds no fd of it
+        try:
+            os.unlink(second)
+            os.unlink(first)
+            if kind == "file":
+                new.write_bytes(b"an unrelated new file")
+            else:
+                os.mkdir(new)
+            reused += os.stat(tmp_path / f"upper/d/new{attempt}").st_ino == host_ino
+            assert os.stat(new).st_ino != os.fstat(handle).st_ino, f"attempt {attempt}: two files, one st_ino"
+            if kind == "file":
+                with pytest.raises(FileNotFoundError):
+                    open(f"/proc/self/fd/{handle}", "rb").read()
+            else:
+                assert os.listdir(new) == []
+        finally:
+            os.close(handle)
+    assert reused, "the host never reused a freed inode number: nothing was shown"
+
+
+def reopen_through_o_path(point: Path, handle: int) -> tuple:
+    """Read, then append through /proc/self/fd of an O_PATH handle: (read outcome, append outcome)."""
+    outcomes = []
+    for mode in ("rb", "ab"):
+        try:
+            with open(f"/proc/self/fd/{handle}", mode) as reopened:
+                outcomes.append(("ok", reopened.read() if mode == "rb" else reopened.write(b"+appended")))
+        except OSError as exc:
+            outcomes.append(("err", errno.errorcode[exc.errno]))
+    return tuple(outcomes)
+
+
+def replace_while_held(point: Path) -> tuple:
     (point / "d/old").write_bytes(b"OLD")
     (point / "d/new").write_bytes(b"NEW")
     handle = os.open(point / "d/old", os.O_PATH)   # holds the inode, sends no FUSE open
     try:
         os.rename(point / "d/new", point / "d/old")
-        try:   # kernel overlayfs and ext4 read the old file; an error would be acceptable
-            assert open(f"/proc/self/fd/{handle}", "rb").read() == b"OLD"
-        except FileNotFoundError:
-            pass
-        with contextlib.suppress(FileNotFoundError):
-            with open(f"/proc/self/fd/{handle}", "ab") as stale:
-                stale.write(b"+written through the old file")
+        return reopen_through_o_path(point, handle)
     finally:
         os.close(handle)
+
+
+def test_reopening_a_replaced_file_never_reaches_the_file_that_replaced_it(mounts, tmp_path):
+    lower = make_tree(tmp_path / "lower", {"d/keep": b"keep"})
+    point, _ = overlay_mount(mounts, tmp_path, [lower])
+    read, append = replace_while_held(point)
+    # Which file is reached is pinned down by the test below; whichever it is, never the new one.
+    assert read != ("ok", b"NEW"), "the O_PATH handle of the replaced file reached its replacement"
+    assert (point / "d/old").read_bytes() == b"NEW", f"the append ({append}) went into the replacement"
+
+
+@pytest.mark.xfail(strict=True, reason="a file renamed over while only an O_PATH handle (a lookup, no open) holds it "
+                   "is gone at once: the daemon keeps no orphan of it, so reopening gives ENOENT where kernel "
+                   "overlayfs and ext4 reopen the old file (overlay.py rename/unlink; fuse_ops._reopen_unlinked "
+                   "knows only fds that were open)")
+def test_reopening_a_replaced_file_reaches_the_old_file_like_kernel_overlayfs(mounts, tmp_path):
+    lower = make_tree(tmp_path / "lower", {"d/keep": b"keep"})
+    point, _ = overlay_mount(mounts, tmp_path, [lower])
+    with kernel_overlay([lower], tmp_path / "kernel", upper=tmp_path / "kernel-upper") as kernel_root:
+        assert replace_while_held(kernel_root) == (("ok", b"OLD"), ("ok", 9))
+    assert replace_while_held(point) == (("ok", b"OLD"), ("ok", 9))
     assert (point / "d/old").read_bytes() == b"NEW"
 
 
@@ -369,8 +429,8 @@ STRESSORS = ["access", "chdir", "chmod", "chown", "copy-file", "dentry", "dir", 
              "rename", "symlink", "sync-file", "touch", "utime", "xattr"]
 
 
-@pytest.mark.slow   # about 45 s. One stressor at a time: run all at once they sometimes trip over the
-# inode-number reuse of test_new_directory_is_usable_while_a_removed_one_is_still_open (dir, dirdeep, touch).
+@pytest.mark.slow   # about 45 s. One stressor at a time until the inode-number reuse shown by
+# test_a_held_file_whose_hardlinks_are_all_removed_never_shares_its_number is fixed (then all at once).
 @pytest.mark.skipif(shutil.which("stress-ng") is None, reason="stress-ng is not installed (scripts/setup installs it)")
 def test_stress_ng_filesystem_stressors_pass(mounts, tmp_path):
     lower = make_tree(tmp_path / "lower", {"work/README": b"stress-ng runs here\n"})

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     from .store import LayerStore, StoredLayer
 
 
-def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None) -> Image:
-    """One argument is an image (docker-archive or OCI); several are plain layer tars, bottom first."""
+def load_image(sources: list[str], *, platform: str | None = None, ref: str | None = None,
+               registry=None) -> Image:
+    """One argument is an image (docker-archive, OCI, or a registry REF); several are plain layer tars,
+    bottom first. ``registry`` (RegistryOptions) says how to reach registries."""
     # Imported here, like the store below: mounting plain directories needs neither,
     # and the daemon's start-up time is part of every mount.
     from .image import open_image, open_layer_tars
@@ -37,24 +39,68 @@ def load_image(sources: list[str], *, platform: str | None = None, ref: str | No
     if not sources:
         raise UsageError("no image given")
     if len(sources) == 1:
-        return open_image(sources[0], platform=platform, ref=ref)
+        return open_image(sources[0], platform=platform, ref=ref, registry=registry)
     return open_layer_tars(sources)
 
 
-def unpack(image: Image, store: "LayerStore", progress=None) -> list["StoredLayer"]:
-    return store.unpack_image(image, progress or PullProgress(quiet=True))
+def recorded_image(store: "LayerStore", source: str) -> Image | None:
+    """The image the store pulled for registry reference ``source``, if all its layers are still there."""
+    from .image.model import Image as ImageModel, LayerRef
+    from .image.reference import parse_source
+
+    try:
+        ref = parse_source(source).registry
+    except UsageError:
+        return None
+    if ref is None or not store.root.is_dir():
+        return None
+    wanted = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
+    records = [record for record in store.images() if record.get("format") == "registry"
+               and wanted in record.get("repo_tags", []) + record.get("repo_digests", [])]
+    if not records:
+        return None
+    record = max(records, key=lambda record: record.get("recorded_at", 0))
+    if any(store.layer(diff_id) is None for diff_id in record["layers"]):
+        return None
+
+    def not_needed():
+        raise ImageError(f"{source}: layer not in the store any more")
+    layers = [LayerRef(name=diff_id, open=not_needed, diff_id=diff_id, remote=True) for diff_id in record["layers"]]
+    return ImageModel(source=str(ref), layers=layers, config=record.get("config") or {}, config_digest=record["id"],
+                      repo_tags=record.get("repo_tags", []), repo_digests=record.get("repo_digests", []),
+                      format="registry", origin=ref.name)
+
+
+def unpack(image: Image, store: "LayerStore", progress=None, jobs: int | None = None) -> list["StoredLayer"]:
+    """``jobs`` layers at once: by default one per core, and for a registry 3, as docker pulls."""
+    progress = progress or PullProgress(quiet=True)
+    if image.format == "registry":
+        from .image.registry import DEFAULT_JOBS
+        from .store import short_id
+
+        jobs = jobs or DEFAULT_JOBS
+        # docker pull's opening: every layer's state at once, before the downloads start.
+        missing = 0
+        for ref in image.layers:
+            stored = store.layer(ref.diff_id) if store.layers_dir.is_dir() else None
+            if stored is not None:
+                progress(short_id(ref.diff_id), "Already exists", stored.size, stored.size)
+            else:
+                progress(short_id(ref.diff_id), "Pulling fs layer" if missing < jobs else "Waiting", 0, ref.size)
+                missing += 1
+    return store.unpack_image(image, progress, jobs=jobs)
 
 
 def mount_image(image: Image, store: "LayerStore", options: MountOptions, progress=None,
                 upper_dir: str | None = None, view_options: ViewOptions | None = None, *,
-                upper_shared: bool = False) -> int:
+                upper_shared: bool = False, jobs: int | None = None) -> int:
     """Unpack what is missing, then mount; returns the daemon pid once the mount is ready.
 
     Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
     into a throw-away upper in the store that goes with the unmount.
     """
     check_view_options(view_options or ViewOptions())
-    stored = unpack(image, store, progress)
+    stored = unpack(image, store, progress, jobs)
     held = store.hold_layers([layer.diff_id for layer in stored])
     cleanup = None
     upper = None
@@ -95,7 +141,8 @@ def prepare_upper(path: str, *, image: Image, layers, store, shared: bool = Fals
     if not shared:
         _refuse_reachable_upper(root)
     record = root / "layermount.json"
-    info = {"image": os.path.abspath(image.source), "image_id": image.id, "store": str(store.root),
+    source = image.source if image.format == "registry" else os.path.abspath(image.source)
+    info = {"image": source, "image_id": image.id, "store": str(store.root),
             "layers": [layer.diff_id for layer in layers]}
     if record.exists():
         previous = read_upper_record(record, path)
@@ -261,6 +308,7 @@ def image_summary(image: Image) -> dict:
                        "created": step.get("created", "")})
     return {
         "source": image.source, "format": image.format, "id": image.id, "repo_tags": image.repo_tags,
+        "repo_digests": image.repo_digests,
         "platform": image.platform, "created": image.config.get("created"), "layers": layers,
         "history": history,
         "config": {key: config.get(key) for key in
@@ -356,6 +404,53 @@ def _commit_mode(source: str) -> int:
     return 0o666 & ~umask & source_mode | 0o600 & ~umask
 
 
+def commit_push(image: Image, upper: UpperInfo, destination, options, *, message: str | None = None,
+                say=lambda line: None) -> str:
+    """Push ``image`` plus the upper as one more (gzip) layer to ``destination``; return the manifest digest.
+
+    The base layers go as the blobs they already are, so a registry that has
+    them (or can mount them from the image's own repository) gets only the new one.
+    """
+    import hashlib
+    import zlib
+
+    from .diff import write_layer_tar
+    from .image.model import Image as ImageModel, LayerRef
+    from .image.oci_layout import OCI_LAYER
+    from .image.registry import push_image
+
+    if upper.record.get("image_id") not in (None, image.id):
+        raise UsageError(f"upper {upper.upper} was made on image {upper.record.get('image')}, not {image.source}")
+    with tempfile.TemporaryDirectory(prefix="layermount-push-") as scratch:
+        tar_path, blob_path = os.path.join(scratch, "upper.tar"), os.path.join(scratch, "upper.tar.gz")
+        with open(tar_path, "wb") as tar_file:
+            write_layer_tar(upper.upper, tar_file)
+        diff_id, digest = hashlib.sha256(), hashlib.sha256()
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        with open(tar_path, "rb") as tar_file, open(blob_path, "wb") as blob_file:
+            while data := tar_file.read(1 << 20):
+                diff_id.update(data)
+                piece = compressor.compress(data)
+                digest.update(piece)
+                blob_file.write(piece)
+            piece = compressor.flush()
+            digest.update(piece)
+            blob_file.write(piece)
+        new_layer = LayerRef(name="upper", open=lambda: open(blob_path, "rb"), digest="sha256:" + digest.hexdigest(),
+                             diff_id="sha256:" + diff_id.hexdigest(), size=os.path.getsize(blob_path),
+                             media_type=OCI_LAYER + "+gzip")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = copy.deepcopy(image.config)
+        config["created"] = now
+        config.setdefault("history", []).append(
+            {"created": now, "created_by": message or "layermount commit", "comment": "layermount commit"})
+        config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        config["rootfs"]["diff_ids"] = [layer.diff_id for layer in image.layers] + [new_layer.diff_id]
+        committed = ImageModel(source=image.source, layers=[*image.layers, new_layer], config=config,
+                               format=image.format, origin=image.origin)
+        return push_image(committed, destination, options, say)
+
+
 @dataclass
 class HistoryStep:
     """One build step of an image, as ``docker history`` shows it."""
@@ -389,7 +484,7 @@ def history(image: Image, store: "LayerStore") -> list[HistoryStep]:
 
 
 def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_dir: str | None = None,
-              network: str = "none", progress=None) -> int:
+              network: str = "none", progress=None, jobs: int | None = None) -> int:
     """Mount the image, run ``command`` (or its Entrypoint + Cmd) inside, unmount; return the exit code."""
     from .mount import unmount
     from .runtime import container_for, fresh_volumes, run
@@ -407,7 +502,7 @@ def run_image(image: Image, store: "LayerStore", command: list[str], *, upper_di
         user = container.user.split(":")[0]
         options = MountOptions(mountpoint=mountpoint, allow_other=user not in ("", "root", "0"))
         container.volumes, volumes_base = fresh_volumes(image.config)
-        mount_image(image, store, options, progress, upper_dir)
+        mount_image(image, store, options, progress, upper_dir, jobs=jobs)
         try:
             container.root = mountpoint
             for inside in container.volumes:

@@ -9,17 +9,19 @@ import sys
 import traceback
 
 from . import __version__, api, mountopts
-from .errors import LayermountError, UsageError
+from .errors import LayermountError, NetworkError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
 from .provenance import explain_lines, explain_path
 from .textsafe import shown
 
 SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run",
-               "lint")
+               "lint", "pull", "push")
 
 MOUNT_USAGE = """\
-layermount IMAGE MOUNTPOINT [options]          mount an image (docker save or OCI) as one root
+layermount IMAGE MOUNTPOINT [options]          mount an image (docker save, OCI, or a registry REF) as one root
+layermount pull REF                            pull an image from a registry into the layer store
+layermount push IMAGE docker://HOST/REPO:TAG   upload an image to a registry
 layermount -o lowerdir=L3:L2:L1 MOUNTPOINT     mount layer directories, top first
 layermount unpack IMAGE | LAYER.tar...         unpack into the layer store
 layermount run [--upper DIR] IMAGE [CMD ...]   run a command in the image (a toy container runtime)
@@ -28,6 +30,7 @@ layermount which MOUNTPOINT/PATH               which layer provides a path, and 
 layermount explain MOUNTPOINT/PATH             the lookup of a path told step by step
 layermount diff UPPER|MOUNTPOINT [--json]      what the upper layer changed (A/C/D, as docker diff)
 layermount commit IMAGE UPPER -o NEW.tar       a new image: IMAGE plus the upper as one more layer
+                       [--push docker://REF]  ... and/or pushed to a registry
 layermount inspect IMAGE [--json]              platform, layers, build steps and config
 layermount history IMAGE                       the build steps, top first, and which layers the store has
 layermount lint IMAGE                          what is odd or dangerous in the layers, before mounting
@@ -52,6 +55,48 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to pick from a multi-platform image")
     parser.add_argument("--image", dest="ref", metavar="REF", help="which image of an archive holding several (a tag)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_registry_options(parser)
+
+
+def _add_registry_options(parser: argparse.ArgumentParser) -> None:
+    """How to reach a registry, for the verbs that take a REF (skopeo's option names)."""
+    parser.add_argument("--tls-verify", type=_boolean, default=True, metavar="true|false",
+                        help="verify TLS certificates; false also allows plain HTTP "
+                             "(localhost and 127.0.0.0/8 may use HTTP anyway)")
+    parser.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials (default: from "
+                        "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json)")
+    parser.add_argument("--jobs", type=int, metavar="N", help="layers to pull at once (default 3)")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _registry_options(args: argparse.Namespace):
+    from .image.auth import parse_creds
+    from .image.registry import DEFAULT_JOBS, RegistryOptions
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs: give at least 1")
+    return RegistryOptions(tls_verify=args.tls_verify, creds=parse_creds(args.creds) if args.creds else None,
+                           jobs=args.jobs or DEFAULT_JOBS)
+
+
+def _load(args: argparse.Namespace, sources: list[str]):
+    try:
+        return api.load_image(sources, platform=args.platform, ref=args.ref, registry=_registry_options(args))
+    except NetworkError as exc:
+        # Offline, as docker run is: an image this store pulled before under that REF will do.
+        image = api.recorded_image(api.store_for(getattr(args, "store", None)), sources[0]) \
+            if len(sources) == 1 and getattr(args, "command", None) not in ("pull", "push") else None
+        if image is None:
+            raise
+        _print(f"layermount: {exc}; using {image.repo_digests[0]} as pulled before", file=sys.stderr)
+        return image
 
 
 def _mount_parser() -> argparse.ArgumentParser:
@@ -106,6 +151,7 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--platform")
     inspect.add_argument("--image", dest="ref")
+    _add_registry_options(inspect)
 
     lint = commands.add_parser("lint", help="report what is odd or dangerous in an image's layers")
     lint.add_argument("image", metavar="IMAGE")
@@ -131,12 +177,23 @@ def _subcommand_parser() -> argparse.ArgumentParser:
     commit = commands.add_parser("commit", help="write IMAGE plus the upper as a new layer to a new image")
     commit.add_argument("image", metavar="IMAGE")
     commit.add_argument("upper", metavar="UPPER|MOUNTPOINT")
-    commit.add_argument("-o", "--output", required=True, metavar="NEW.tar")
+    commit.add_argument("-o", "--output", metavar="NEW.tar")
+    commit.add_argument("--push", metavar="docker://REF", help="push the new image to a registry")
     commit.add_argument("-m", "--message", help="the new layer's history entry (default 'layermount commit')")
     commit.add_argument("--format", choices=("docker", "oci"), default="docker")
     commit.add_argument("--tag", metavar="REPO:TAG")
     commit.add_argument("--platform")
     commit.add_argument("--image", dest="ref")
+    _add_registry_options(commit)
+
+    pull = commands.add_parser("pull", help="pull an image from a registry into the layer store")
+    pull.add_argument("image", metavar="REF")
+    _add_image_options(pull)
+
+    push = commands.add_parser("push", help="upload an image (any layermount reads) to a registry")
+    push.add_argument("image", metavar="IMAGE")
+    push.add_argument("destination", metavar="docker://HOST/REPO:TAG")
+    _add_image_options(push)
 
     store = commands.add_parser("store", help="the layer store")
     store_option = _Parser(add_help=False)
@@ -235,27 +292,28 @@ def _run_mount(args: argparse.Namespace) -> int:
         raise UsageError("usage: layermount IMAGE MOUNTPOINT (or -o lowerdir=L3:L2:L1 MOUNTPOINT)")
     image_path, options.mountpoint = args.paths
     check_mountpoint(options.mountpoint)  # before the unpack: fail fast on a bad mountpoint
-    image = api.load_image([image_path], platform=args.platform, ref=args.ref)
+    image = _load(args, [image_path])
     if args.whiteout_format == "overlay":
         raise UsageError("an image mount's upper is an OCI layer: --whiteout-format overlay is for -o upperdir=")
     api.mount_image(image, api.store_for(args.store), options, PullProgress(quiet=args.quiet), args.upper,
-                    view_options=parsed.view, upper_shared=args.upper_shared)
+                    view_options=parsed.view, upper_shared=args.upper_shared, jobs=args.jobs)
     return 0
 
 
 def _run_subcommand(args: argparse.Namespace) -> int:
     if args.command == "unpack":
-        image = api.load_image(args.sources, platform=args.platform, ref=args.ref)
+        image = _load(args, args.sources)
         store = api.store_for(args.store)
-        layers = api.unpack(image, store, PullProgress(quiet=args.quiet))
+        layers = api.unpack(image, store, PullProgress(quiet=args.quiet), jobs=args.jobs)
         if not args.quiet:
             _print(f"Unpacked {image.source} ({len(layers)} layers) into {store.root}")
         return 0
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+        image = _load(args, [args.image])
         return api.run_image(image, api.store_for(args.store), command, upper_dir=args.upper,
-                             network=args.network, progress=PullProgress(quiet=args.quiet, stream=sys.stderr))
+                             network=args.network, progress=PullProgress(quiet=args.quiet, stream=sys.stderr),
+                             jobs=args.jobs)
     if args.command == "umount":
         unmount(args.mountpoint, lazy=args.lazy)
         return 0
@@ -282,12 +340,17 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         return 0
     if args.command == "store":
         return _store(args)
-    if args.command == "commit":
-        image = api.load_image([args.image], platform=args.platform, ref=args.ref)
-        ident = api.commit(image, api.locate_upper(args.upper), args.output, message=args.message,
-                           image_format=args.format, tag=args.tag)
-        _print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
+    if args.command == "pull":
+        return _pull(args)
+    if args.command == "push":
+        from .image.registry import push_image
+
+        destination = _push_destination(args.destination)
+        image = _load(args, [args.image])
+        push_image(image, destination, _registry_options(args), say=_say(args.quiet))
         return 0
+    if args.command == "commit":
+        return _commit(args)
     if args.command == "diff":
         from .diff import changes
 
@@ -302,8 +365,61 @@ def _run_subcommand(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+def _say(quiet: bool):
+    from .image.registry import shown
+
+    return (lambda line: None) if quiet else (lambda line: print(shown(line), flush=True))
+
+
+def _push_destination(text: str):
+    from .image.reference import parse_source
+
+    if not text.startswith("docker://"):
+        raise UsageError(f"{text}: push to a registry, docker://HOST/REPO:TAG")
+    return parse_source(text).registry
+
+
+def _pull(args: argparse.Namespace) -> int:
+    """docker pull's conversation: which layers exist, which arrive, the digest, the status."""
+    from .image.reference import parse_source
+    from .image.registry import shown
+
+    source = parse_source(args.image)
+    if source.registry is None:
+        raise UsageError(f"{args.image}: pull takes a registry reference (docker://HOST/REPO:TAG or NAME[:TAG])")
+    ref = source.registry
+    say = _say(args.quiet)
+    image = _load(args, [args.image])
+    store = api.store_for(args.store)
+    say(f"{ref.tag or ref.digest}: Pulling from {ref.repository}")
+    missing = [layer for layer in image.layers if store.layer(layer.diff_id) is None] \
+        if store.layers_dir.is_dir() else image.layers
+    api.unpack(image, store, PullProgress(quiet=args.quiet), jobs=args.jobs)
+    say(f"Digest: {image.repo_digests[0].rsplit('@', 1)[1]}")
+    say(f"Status: {'Downloaded newer image' if missing else 'Image is up to date'} for {shown(ref)}")
+    if not args.quiet:
+        print(shown(ref))
+    return 0
+
+
+def _commit(args: argparse.Namespace) -> int:
+    if not args.output and not args.push:
+        raise UsageError("commit: give -o NEW.tar, --push docker://REF, or both")
+    destination = _push_destination(args.push) if args.push else None
+    image = _load(args, [args.image])
+    upper = api.locate_upper(args.upper)
+    if args.output:
+        ident = api.commit(image, upper, args.output, message=args.message, image_format=args.format, tag=args.tag)
+        _print(f"Wrote {args.output} ({len(image.layers) + 1} layers, id {ident})")
+    if destination is not None:
+        digest = api.commit_push(image, upper, destination, _registry_options(args), message=args.message,
+                                 say=_say(False))
+        _print(f"Pushed {destination.name}:{destination.tag}@{digest} ({len(image.layers) + 1} layers)")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    summary = api.image_summary(api.load_image(args.sources, platform=args.platform, ref=args.ref))
+    summary = api.image_summary(_load(args, args.sources))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -311,6 +427,8 @@ def _inspect(args: argparse.Namespace) -> int:
     _print(f"Id:       {summary['id']}")
     if summary["repo_tags"]:
         _print(f"Tags:     {', '.join(summary['repo_tags'])}")
+    if summary["repo_digests"]:
+        _print(f"Digests:  {', '.join(summary['repo_digests'])}")
     _print(f"Platform: {summary['platform'] or '-'}")
     if summary["created"]:
         _print(f"Created:  {summary['created']}")
@@ -327,8 +445,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    image = api.load_image([args.image], platform=args.platform, ref=args.ref)
+    image = _load(args, [args.image])
     steps = api.history(image, api.store_for(args.store))
+    if image.repo_digests:
+        _print(f"Image: {', '.join(image.repo_tags + image.repo_digests)}")
     width = 71 if args.no_trunc else 19
     _print(f"{'LAYER':<{width}}  {'CREATED':<20}  {'SIZE':>9}  {'STORED':<6}  CREATED BY")
     for step in steps:
@@ -373,6 +493,11 @@ def _store(args: argparse.Namespace) -> int:
         for layer in layers:
             _print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
                   f"{', '.join(users.get(layer.diff_id, [])) or '(unused)'}")
+        pulled = [record for record in images if record.get("repo_digests")]
+        if pulled:
+            _print(f"{'IMAGE':<19}  PULLED FROM")
+            for record in pulled:
+                _print(f"{record.get('id', '')[:19]:<19}  {', '.join(record.get('repo_tags', []) + record['repo_digests'])}")
         total = sum(layer.size for layer in layers)
         _print(f"{len(layers)} layers, {human_size(total)}, {len(images)} images, store {store.root}")
         return 0

@@ -11,6 +11,10 @@ class LayermountError(Exception):
     exit_code = 1
 
 
+class NetworkError(LayermountError):
+    """A registry could not be reached, or the connection failed more often than retries allow."""
+
+
 class UsageError(LayermountError):
     """Bad arguments or options."""
 

@@ -45,7 +45,7 @@ class PullProgress:
 
     def _format(self, short: str, status: str, done: int, total: int | None, bar: bool = True) -> str:
         short = shown(short)
-        if status != "Extracting":
+        if status not in ("Extracting", "Downloading"):
             return f"{short}: {status}"
         if not bar:
             return f"{short}: {status} {human_size(total)}" if total else f"{short}: {status}"

@@ -7,6 +7,7 @@ Layout under the store root::
     images/<hex>.json          an image that was unpacked: its layers and config
     blobs/<hex>                blob digest -> diff_id, for sources that do not record diff_ids
     tmp/<key>.<random>/        unpacks in progress (a killed unpack leaves only these)
+    partial/<hex>              the first bytes of a registry blob whose download broke off, to resume from
     locks/<key>.lock           flock: exclusive while unpacking or collecting, shared while mounted
 
 ``<hex>`` is the sha256 of the uncompressed layer tar (the diff_id), so a layer
@@ -98,6 +99,7 @@ class LayerStore:
         self.images_dir = self.root / "images"
         self.blobs_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
+        self.partial_dir = self.root / "partial"
         self.locks_dir = self.root / "locks"
 
     # ---- set-up -----------------------------------------------------------
@@ -106,7 +108,8 @@ class LayerStore:
         try:
             self.root.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
             _make_private(self.root)
-            for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir):
+            for directory in (self.layers_dir, self.images_dir, self.blobs_dir, self.tmp_dir, self.locks_dir,
+                              self.partial_dir):
                 directory.mkdir(mode=PRIVATE, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {self.root}: cannot create it: {exc.strerror}") from None
@@ -313,17 +316,20 @@ class LayerStore:
         diff_dir = work / "diff"
         diff_dir.mkdir()
         try:
-            blob = ref.open()
+            blob = ref.open(partial_dir=self.partial_dir) if ref.remote else ref.open()
         except OSError as exc:
             raise ImageError(f"{label}: cannot read blob: {exc.strerror or exc}") from None
+        # A registry layer is downloaded and extracted in the same pass: its progress speaks of downloading.
+        reading = "Downloading" if ref.remote else "Extracting"
         with blob:
-            compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, "Extracting", done, ref.size))
-            uncompressed = HashingReader(open_decompressed(compressed))
+            compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, reading, done, ref.size))
             try:
+                uncompressed = HashingReader(open_decompressed(compressed))
                 stats = extract_layer(uncompressed, diff_dir)
                 uncompressed.drain()
                 compressed.drain()
             except ImageError as exc:
+                _blame_wrong_blob(ref, compressed, label)
                 prefixed = type(exc)(f"{label}: {exc}")
                 prefixed.__dict__.update(exc.__dict__)   # keeps .member of an UnsafeArchive
                 raise prefixed from None
@@ -331,6 +337,8 @@ class LayerStore:
                 raise StoreError(f"{label}: cannot write to store {self.root}: {exc.strerror or exc}") from None
         digest, diff_id = compressed.digest, uncompressed.digest
         progress(short, "Verifying Checksum", compressed.bytes_read, ref.size)
+        if ref.remote:
+            progress(short, "Download complete", compressed.bytes_read, ref.size)
         if ref.digest is not None and digest != ref.digest:
             raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, content is {digest}")
         if expected_diff_id is not None and diff_id != expected_diff_id:
@@ -369,9 +377,10 @@ class LayerStore:
     def _record_image(self, image: Image, layers: list[StoredLayer]) -> None:
         record = {
             "id": image.id,
-            "source": os.path.abspath(image.source),
+            "source": image.source if image.format == "registry" else os.path.abspath(image.source),
             "format": image.format,
             "repo_tags": image.repo_tags,
+            "repo_digests": image.repo_digests,
             "platform": image.platform,
             "layers": [layer.diff_id for layer in layers],
             "config": image.config,
@@ -430,6 +439,8 @@ class LayerStore:
                     continue
                 self._remove_layer(layer)
                 removed.append(layer)
+        for partial in self.partial_dir.iterdir():     # broken-off downloads: only worth a resume, not space
+            partial.unlink(missing_ok=True)
         return removed, busy
 
 
@@ -468,6 +479,20 @@ def _ids_shown(what) -> str:
         return what if _id_prefix(what) is not None else "that name"
     shown = ", ".join(short_id(str(record.get("id"))) for record in what[:8])
     return shown + (f" and {len(what) - 8} more" if len(what) > 8 else "")
+
+
+def _blame_wrong_blob(ref: LayerRef, compressed: "_ProgressReader", label: str) -> None:
+    """A blob that does not unpack is first checked against its digest: "not the blob the image
+    names" is the truer error than the damage it causes (a corrupt download, a swapped blob)."""
+    if ref.digest is None:
+        return
+    try:
+        compressed.drain()
+    except (LayermountError, OSError):
+        return       # the rest cannot be read: the original error stands
+    if compressed.digest != ref.digest:
+        raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, "
+                             f"content is {compressed.digest}")
 
 
 class _ProgressReader:

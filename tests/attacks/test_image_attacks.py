@@ -266,6 +266,7 @@ def test_damaged_upper_record_refuses_the_mount(tmp_path, mounts):
     write_image(image, [layer_tar([File("a", b"a")])], new_config(["step"]))
     upper = tmp_path / "upper"
     (upper / "diff").mkdir(parents=True)
+    upper.chmod(0o700)      # private, or the refusal of a reachable upper comes first
     (upper / "layermount.json").write_text('{"layers": 5}')
     result = mounts.mount(image, "--upper", upper, expect_ok=False)
     assert_one_line_error(result, 2, f"upper {upper}", "layermount.json")

@@ -56,7 +56,7 @@ def read_docker_archive(blobs: Blobs, source: str, *, platform: Platform | None,
         layers.append(layer_ref(blobs, name, digest=_digest_in_name(name), diff_id=diff_id, size=None,
                                 media_type=media_type))
     return Image(source=source, layers=layers, config=config, config_digest=config_digest,
-                 repo_tags=_repo_tags(entry), format="docker-archive")
+                 repo_tags=_repo_tags(entry), format="docker-archive", config_blob=config_bytes)
 
 
 def _is_entry(entry: object) -> bool:

@@ -27,6 +27,9 @@ class LayerRef:
     diff_id: str | None = None      # "sha256:<hex>" of the uncompressed tar
     size: int | None = None         # blob size in bytes, when known
     media_type: str = ""
+    # Streamed from a registry: progress speaks of downloading, and ``open`` takes
+    # ``partial_dir``, where the bytes received are kept for a later pull to resume from.
+    remote: bool = False
 
 
 @dataclass
@@ -38,7 +41,10 @@ class Image:
     config: dict = field(default_factory=dict)   # OCI/docker image config JSON
     config_digest: str | None = None         # "sha256:<hex>" of the config blob; the image id
     repo_tags: list[str] = field(default_factory=list)
-    format: str = ""                         # "docker-archive", "oci-layout", "layer-tars"
+    format: str = ""                         # "docker-archive", "oci-layout", "layer-tars", "registry"
+    repo_digests: list[str] = field(default_factory=list)   # "host/repo@sha256:..." of a pulled manifest
+    config_blob: bytes | None = None         # the config's bytes as stored, so a push keeps its digest
+    origin: str | None = None                # "host/repo" a registry image came from (cross-repo mounts)
 
     @property
     def platform(self) -> str:

@@ -509,8 +509,8 @@ class _LayoutReader:
                                  f"its descriptor says {descriptor.get('size')}")
         return data
 
-    def read_json(self, descriptor: dict, what: str) -> dict:
-        data = self.read_verified(descriptor, what)
+    def read_json(self, descriptor: dict, what: str, data: bytes | None = None) -> dict:
+        data = self.read_verified(descriptor, what) if data is None else data
         document = self.blobs.read_json(blob_path(descriptor["digest"]), data)
         if not isinstance(document, dict):
             raise ImageError(f"{self.label}: {what} blob {blob_path(descriptor['digest'])} is not a JSON object")
@@ -586,7 +586,8 @@ class _LayoutReader:
 
     def image(self, descriptor: dict, manifest: dict, source: str, *, repo_tags: list[str], format: str) -> Image:
         config_descriptor = self._config_descriptor(manifest, descriptor)
-        config = check_config(self.label, self.read_json(config_descriptor, "config"))
+        config_blob = self.read_verified(config_descriptor, "config")
+        config = check_config(self.label, self.read_json(config_descriptor, "config", config_blob))
         layer_descriptors = manifest.get("layers")
         if not isinstance(layer_descriptors, list):
             raise ImageError(f"{self.label}: manifest {blob_path(descriptor['digest'])} has no layers list")
@@ -601,7 +602,7 @@ class _LayoutReader:
             layers.append(layer_ref(self.blobs, blob_path(digest), digest=digest, diff_id=diff_id,
                                     size=layer.get("size"), media_type=media_type))
         return Image(source=source, layers=layers, config=config, config_digest=config_descriptor["digest"],
-                     repo_tags=repo_tags, format=format)
+                     repo_tags=repo_tags, format=format, config_blob=config_blob)
 
 
 
