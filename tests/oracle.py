@@ -310,6 +310,12 @@ DELIBERATE_DIFFERENCES = {
         "a directory's st_nlink is 2 + its subdirectories where layermount has its whole copy in the upper "
         "(e.g. a renamed lower directory, copied up whole); kernel overlayfs says 1 for every directory with "
         "a lower part (merged or redirected), which find and fts take as 'count unknown'"),
+    "st_ino after a remount": (
+        "a copied-up file keeps its st_ino for the mount's life only; after a remount it has the upper file's "
+        "own number. Kernel overlayfs (index=on) keeps it by an origin xattr it verifies against the lower "
+        "filesystem; here st_ino is also the FUSE node id content is served by, and an unverified origin (an "
+        "upper reused over another image, or edited) could make two files one inode (README: where layermount "
+        "differs)"),
 }
 
 

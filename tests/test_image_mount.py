@@ -344,8 +344,6 @@ def test_directory_xattrs_of_a_layer_are_served(mounts, tmp_path):
     assert {"user.dir-note", "trusted.dir"} <= set(os.listxattr(point / "etc"))
 
 
-@pytest.mark.xfail(strict=True, reason="a file's st_nlink is its host inode's count, not the names the merged view "
-                   "has for it (fuse_ops.Operations._entry serves attr.nlink): 2 before copy-up, 1 after")
 def test_link_count_is_the_merged_views_names_before_and_after_copy_up_and_remount(mounts, tmp_path):
     """bin/sh and bin/ash are one file in the base layer; the last layer deletes bin/ash. A fresh unpack of the
     merged tree (umoci's reference rootfs) has one name for it, so st_nlink is 1 throughout."""

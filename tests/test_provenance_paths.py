@@ -2,7 +2,7 @@
 through `..` that climbs above the root, and through the /.layers/N time-travel directories.
 
 Paths are resolved inside the mount's root, never on the host: the host's /usr/bin/mawk is not the
-image's. Until provenance resolves them that way these tests are expected to fail (strict xfail).
+image's.
 """
 
 from __future__ import annotations
@@ -11,13 +11,6 @@ import pytest
 
 from conftest import run_layermount
 from unionfs.image.writer import Dir, File, Symlink, layer_tar, new_config, write_image
-
-RESOLVES_ON_THE_HOST = ("which/explain resolve the path with the host's realpath (api.find_mount): an absolute "
-                        "symlink of the image leads out of the mount ('not inside a layermount mount') or, where "
-                        "the host lacks the target, the unresolved path reaches the layer walk and ELOOP escapes "
-                        "as a traceback (provenance._resolve via MergedView._scan_layer_dir)")
-LAYERS_DIR_NOT_UNDERSTOOD = ("which/explain look a /.layers/N/... path up in the full stack, where /.layers does not "
-                             "exist, instead of in the view of layers 1..N (provenance.explain_path)")
 
 BOTTOM = [
     Dir("usr/bin"), File("usr/bin/mawk", b"mawk 1"), Symlink("usr/bin/awk", "/usr/bin/mawk"),
@@ -59,7 +52,6 @@ def test_which_and_explain_of_a_plain_path(mounted):
     assert "the copy in layer 2" in run("explain", mounted / "usr/bin/mawk")
 
 
-@pytest.mark.xfail(strict=True, reason=RESOLVES_ON_THE_HOST)
 @pytest.mark.parametrize("path, resolved, layer", [
     ("usr/bin/awk", "/usr/bin/mawk", 2),
     ("etc/nginx/sites-enabled/default", "/etc/nginx/sites-available/default", 1),
@@ -75,7 +67,6 @@ def test_which_and_explain_resolve_symlinks_inside_the_image(mounted, path, reso
     assert f"the copy in layer {layer}" in explained
 
 
-@pytest.mark.xfail(strict=True, reason=RESOLVES_ON_THE_HOST)
 def test_a_symlink_loop_of_the_image_is_a_one_line_error(mounted):
     for command in ("which", "explain"):
         result = run_layermount(command, mounted / "loop-a/x")
@@ -83,7 +74,6 @@ def test_a_symlink_loop_of_the_image_is_a_one_line_error(mounted):
         assert len(result.stderr.strip().splitlines()) == 1 and "loop-a" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=LAYERS_DIR_NOT_UNDERSTOOD)
 @pytest.mark.parametrize("cut, layer", [(1, 1), (2, 2)])
 def test_which_and_explain_understand_layers_dir_paths(mounted, cut, layer):
     which = run("which", mounted / f".layers/{cut}/usr/bin/mawk")

@@ -19,9 +19,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from oracle import (MtimeClock, coarse_now_ns, diff_snapshots, directory_nlink_is_deliberate,
+from oracle import (DELIBERATE_DIFFERENCES, MtimeClock, coarse_now_ns, diff_snapshots, directory_nlink_is_deliberate,
                     kernel_nlink_is_the_lower_count, kernel_overlay, next_clock_tick, snapshot, stamps)
 from test_mount import make_tree
 
@@ -407,25 +407,6 @@ def unlinked_fd_differences(rel, mine, theirs, ours_after, kernel_upper, lowers)
     return lines
 
 
-# Bugs the step-by-step comparison shows today; each marker goes when its fix lands.
-COPY_UP_TOUCHES_PARENT = ("copy-up of a child sets its upper parent's mtime, which kernel overlayfs restores "
-                          "(upper.py StagedCopy.publish, make_dir_like, copy_special_in)")
-PARTNER_LINK_TOUCHES_PARENT = ("linking a copied-up file's hardlink partners into the upper sets their parents' "
-                               "mtime (overlay.py MergedView._copy_up_other_names)")
-OPAQUE_DIR_SERVED_AS_MERGED = ("a directory made opaque over a lower one is served as merged, nlink 1, where the "
-                               "kernel gives its own count (overlay.py _build_listing trims a child's sources "
-                               "only when the child is listed; fuse_ops _child_entry caches the reply before)")
-OCI_OPAQUE_MARKER_TOUCHES_DIR = ("with --whiteout-format oci, writing the .wh..wh..opq marker into a directory "
-                                 "(a renamed one, each one of a lower tree copied up by a rename) sets its mtime; "
-                                 "the kernel's opaque xattr does not (upper.py UpperLayer.make_opaque)")
-HOST_NLINK_OF_LOWER_FILE = ("a file's st_nlink is its host inode's count, not the names the merged view has for "
-                            "it (fuse_ops.Operations._entry serves attr.nlink)")
-
-
-def known_bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 STEP_SCENARIOS = [   # (name, operations, aspects compared, marks: for both whiteout forms or {form: mark})
     ("upper-only files and directories", [
         ("write", "new", b"x", "wb"), ("utime", "new", 10**18), ("mkdir", "nd"), ("rename", "new", "nd/new"),
@@ -433,30 +414,21 @@ STEP_SCENARIOS = [   # (name, operations, aspects compared, marks: for both whit
     ("whiteout and hardlink at the root", [("unlink", "f"), ("link", "big", "big2"), ("stat", "big")],
      {"mtime", "nlink"}, ()),
     ("renamed lower directory knows its link count", [("rename", "d", "moved"), ("mkdir", "moved/x")],
-     {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),   # the fixture's opaque "o" shows it too
-    ("chmod copies up a file in a lower directory", [("chmod", "d/f", 0o600)], {"mtime"},
-     known_bug(COPY_UP_TOUCHES_PARENT)),
-    ("append copies up a file at the root", [("write", "f", b"+", "ab"), ("read", "f")], {"mtime"},
-     known_bug(COPY_UP_TOUCHES_PARENT)),
-    ("chown copies up a symlink", [("chown", "link", 7, 7)], {"mtime"}, known_bug(COPY_UP_TOUCHES_PARENT)),
-    ("a whiteout two levels down copies up the directories", [("unlink", "d/sub/h")], {"mtime"},
-     known_bug(COPY_UP_TOUCHES_PARENT)),
+     {"dir-nlink"}, ()),   # the fixture's opaque "o" shows it too
+    ("chmod copies up a file in a lower directory", [("chmod", "d/f", 0o600)], {"mtime"}, ()),
+    ("append copies up a file at the root", [("write", "f", b"+", "ab"), ("read", "f")], {"mtime"}, ()),
+    ("chown copies up a symlink", [("chown", "link", 7, 7)], {"mtime"}, ()),
+    ("a whiteout two levels down copies up the directories", [("unlink", "d/sub/h")], {"mtime"}, ()),
     ("copy-up after a rename in the same directory", [("rename", "d/g", "d/g2"), ("chmod", "d/f", 0o600)],
-     {"mtime"}, known_bug(COPY_UP_TOUCHES_PARENT)),
-    ("copy-up of a hardlinked lower file", [("truncate", "hl1", 3)], {"mtime"},
-     known_bug(PARTNER_LINK_TOUCHES_PARENT + "; and " + COPY_UP_TOUCHES_PARENT)),
-    ("rename a lower directory", [("rename", "d/sub", "newdir")], {"mtime"}, {
-        "overlay": known_bug(COPY_UP_TOUCHES_PARENT),
-        "oci": known_bug(COPY_UP_TOUCHES_PARENT + "; and " + OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
-    ("rename a lower tree", [("rename", "d", "moved")], {"mtime"}, {
-        "overlay": known_bug(COPY_UP_TOUCHES_PARENT),
-        "oci": known_bug(COPY_UP_TOUCHES_PARENT + "; and " + OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
+     {"mtime"}, ()),
+    ("copy-up of a hardlinked lower file", [("truncate", "hl1", 3)], {"mtime"}, ()),
+    ("rename a lower directory", [("rename", "d/sub", "newdir")], {"mtime"}, ()),
+    ("rename a lower tree", [("rename", "d", "moved")], {"mtime"}, ()),
     ("rename a new directory onto a deleted name", [("mkdir", "nd"), ("unlink", "f"), ("rename", "nd", "f")],
-     {"mtime"}, {"oci": known_bug(OCI_OPAQUE_MARKER_TOUCHES_DIR)}),
-    ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, known_bug(OPAQUE_DIR_SERVED_AS_MERGED)),
-    ("hardlink partner deleted", [("unlink", "hl2"), ("stat", "hl1")], {"nlink"}, known_bug(HOST_NLINK_OF_LOWER_FILE)),
-    ("fstat of a lower hardlink unlinked while open", [("unlink-open", "hl1")], {"nlink"},
-     known_bug(HOST_NLINK_OF_LOWER_FILE)),
+     {"mtime"}, ()),
+    ("opaque directory over a lower one", [("listdir", "o")], {"dir-nlink"}, ()),
+    ("hardlink partner deleted", [("unlink", "hl2"), ("stat", "hl1")], {"nlink"}, ()),
+    ("fstat of a lower hardlink unlinked while open", [("unlink-open", "hl1")], {"nlink"}, ()),
 ]
 
 
@@ -470,24 +442,11 @@ def test_step_by_step_scenario_matches_kernel_overlayfs(mounts, tmp_path_factory
         compare_step_by_step(pair, ops, kernel_root, aspects)
 
 
-def each_known_bug(test):
-    """Run a scenario of each bug above first, so the generated test fails every time until all are fixed."""
-    for _name, ops, _aspects, marks in STEP_SCENARIOS:
-        if marks:
-            test = example(ops=ops)(test)
-    return test
 
 
-BOTH_FORMS_BUGS = [COPY_UP_TOUCHES_PARENT, PARTNER_LINK_TOUCHES_PARENT, OPAQUE_DIR_SERVED_AS_MERGED,
-                   HOST_NLINK_OF_LOWER_FILE]
-STEP_BY_STEP_FORMS = [pytest.param("overlay", marks=known_bug("; ".join(BOTH_FORMS_BUGS))),
-                      pytest.param("oci", marks=known_bug("; ".join([*BOTH_FORMS_BUGS, OCI_OPAQUE_MARKER_TOUCHES_DIR])))]
-
-
-@pytest.mark.parametrize("whiteout_format", STEP_BY_STEP_FORMS)
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=sequences)
-@each_known_bug
 def test_generated_sequences_keep_mtimes_and_link_counts_like_kernel_overlayfs(mounts, tmp_path_factory, lowers,
                                                                               whiteout_format, ops):
     with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
@@ -495,10 +454,9 @@ def test_generated_sequences_keep_mtimes_and_link_counts_like_kernel_overlayfs(m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("whiteout_format", STEP_BY_STEP_FORMS)
+@pytest.mark.parametrize("whiteout_format", WHITEOUT_FORMATS)
 @settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=long_sequences)
-@each_known_bug
 def test_long_generated_sequences_match_kernel_overlayfs_step_by_step(mounts, tmp_path_factory, lowers,
                                                                       whiteout_format, ops):
     with fresh_pair(mounts, tmp_path_factory, lowers, whiteout_format) as (pair, kernel_root):
@@ -598,9 +556,7 @@ def test_readdir_inode_numbers_and_device_agree_with_stat(mounts, tmp_path, lowe
     assert identity["hl1"][0] == identity["hl2"][0]
 
 
-@pytest.mark.xfail(strict=True, reason="a copied-up entry's st_ino is kept only in memory (overlay.py "
-                   "MergedView._keep_ino): after a remount with the same upper the upper's host number is served; "
-                   "kernel overlayfs with index=on keeps them (origin xattr), fuse-overlayfs too")
+@pytest.mark.xfail(strict=True, reason=DELIBERATE_DIFFERENCES["st_ino after a remount"])
 def test_inode_numbers_survive_a_remount_with_the_same_upper(mounts, tmp_path, lowers):
     pair = Pair(mounts, tmp_path, lowers)
     before = {rel: ino for rel, (ino, _, _) in served_identity(pair.ours).items()}
@@ -636,9 +592,6 @@ def long_name_outcomes(root: Path) -> dict[str, tuple]:
     return {name: outcome(call) for name, call in calls.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="a name longer than NAME_MAX that no layer has is looked up and answered "
-                   "ENOENT, not ENAMETOOLONG (fuse_ops lookup, unlink, rmdir, rename, link check no name length); "
-                   "pjdfstest */02.t and rename/01.t")
 def test_names_longer_than_name_max_are_enametoolong_in_every_call(mounts, tmp_path, lowers):
     pair = Pair(mounts, tmp_path, lowers)
     with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper",
@@ -678,10 +631,6 @@ def near_path_max_outcomes(root: Path) -> list[tuple]:
     return results
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon opens a file by its whole path from the mount's root "
-                   "(safepath.open_beneath with node.relpath, e.g. from MergedView.open_file in setattr's truncate), "
-                   "which passes PATH_MAX where the caller's relative path does not: ENAMETOOLONG where the kernel "
-                   "succeeds (pjdfstest truncate/03.t, ftruncate/03.t)")
 def test_a_path_near_path_max_from_inside_the_mount_works(mounts, tmp_path, lowers):
     pair = Pair(mounts, tmp_path, lowers)
     with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
+from . import safepath
 from .errors import ImageError, MountError, UsageError
 from .layerform import OCI, OVERLAY, STACK_XATTR
 from .mount import FSTYPE, MountOptions, mount, mount_entries, mount_owner
 from .mountopts import ViewOptions
 from .overlay import Layer, MergedView, UpperLayer, layers_from_store
+from .overlay.cuts import LAYERS_NAME
 from .progress import PullProgress
 from .textsafe import shown
 
@@ -230,19 +233,99 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
 
 # ---- provenance ---------------------------------------------------------------
 
-def find_mount(path: str) -> tuple[str, str]:
-    """(mountpoint, path inside it) of the layermount mount that holds ``path``."""
-    real = os.path.realpath(os.path.abspath(path)) if os.path.lexists(path) else os.path.abspath(path)
-    candidates = [point for point, kind in mount_entries() if kind == FSTYPE]
-    best = None
-    for point in candidates:
-        if real == point or real.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) > len(best):
-                best = point
-    if best is None:
+@dataclass(frozen=True)
+class MountPath:
+    """A path found in a layermount mount, as the container sees it."""
+
+    mountpoint: str
+    inside: str             # the path in the view, without a leading "/" ("" is its root)
+    cut: int | None = None  # N for a path below /.layers/N: the image after build step N
+
+
+_MAX_SYMLINKS = 40          # as the kernel's path walk
+LAYERS_DIR_NAME = LAYERS_NAME.decode()
+
+
+def find_mount(path: str) -> MountPath:
+    """The layermount mount that holds ``path`` and the path inside it.
+
+    The host's symlinks are followed up to the mountpoint; below it the path
+    is resolved inside the mount's root (or a ``/.layers/N`` cut's), as a
+    container would: ``/usr/bin/awk -> /etc/alternatives/awk`` stays in the image.
+    """
+    points = {point for point, kind in mount_entries() if kind == FSTYPE}
+    pending = [part for part in os.path.join(os.getcwd(), path).split("/") if part]
+    current, hops = "/", 0
+    while pending and current not in points:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            current = current if part == "." else os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise UsageError(f"{path}: too many levels of symbolic links")
+            target = os.readlink(candidate)
+            pending[:0] = [piece for piece in target.split("/") if piece]
+            current = "/" if target.startswith("/") else current
+            continue
+        current = candidate
+    if current not in points:
         raise UsageError(f"{path}: not inside a layermount mount")
-    inside = os.path.relpath(real, best)
-    return best, "" if inside == "." else inside
+    _trusted(current)     # before any path is resolved through its daemon
+    return _inside_mount(path, current, "/".join(pending))
+
+
+def _inside_mount(path: str, mountpoint: str, rest: str) -> MountPath:
+    root = mountpoint
+    cut = None
+    first, _, below = rest.partition("/")
+    if first == LAYERS_DIR_NAME and below:
+        step, _, rest = below.partition("/")
+        root = _resolved_in(path, mountpoint, mountpoint, f"{LAYERS_DIR_NAME}/{step}")
+        number = os.path.relpath(root, os.path.join(mountpoint, LAYERS_DIR_NAME))
+        if not number.isdigit():
+            raise UsageError(f"{path}: {LAYERS_DIR_NAME}/{step} is no cut of the image")
+        cut = int(number)
+    inside = os.path.relpath(_resolved_in(path, mountpoint, root, rest), root)
+    return MountPath(mountpoint, "" if inside == "." else inside, cut)
+
+
+def _resolved_in(path: str, mountpoint: str, root: str, rest: str) -> str:
+    """The host path ``rest`` reaches below ``root``, resolved as if ``root`` were ``/``. Where it
+    leads nowhere (a missing name, a dangling symlink) the longest part that
+    resolves is taken and the rest kept as written, so ``which`` can tell what hid it; a symlink
+    loop is an error."""
+    parts = [part for part in rest.split("/") if part]
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for cut in range(len(parts), -1, -1):
+            try:
+                fd = safepath.open_in_root(root_fd, os.fsencode("/".join(parts[:cut])), os.O_PATH)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES) or cut == 0:
+                    raise UsageError(f"{path}: {exc.strerror} (in the image)") from None
+                continue
+            try:
+                reached = os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            break
+    finally:
+        os.close(root_fd)
+    if reached != mountpoint and not reached.startswith(mountpoint.rstrip("/") + "/"):
+        raise UsageError(f"{path}: not inside a layermount mount")
+    return os.path.join(reached, *parts[cut:])
+
+
+def _trusted(mountpoint: str) -> None:
+    """Only a mount of this user's or root's is asked anything (its layers, a path's resolution)."""
+    owner = mount_owner(mountpoint)
+    if owner not in (0, os.geteuid()):
+        who = "nobody known" if owner is None else f"uid {owner}"
+        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
+                         f"trusted (give the upper directory itself)")
 
 
 def mount_stack(mountpoint: str) -> list[dict]:
@@ -252,11 +335,7 @@ def mount_stack(mountpoint: str) -> list[dict]:
     daemon that calls itself layermount and names root-only directories as
     its layers, for root's ``commit`` to tar.
     """
-    owner = mount_owner(mountpoint)
-    if owner not in (0, os.geteuid()):
-        who = "nobody known" if owner is None else f"uid {owner}"
-        raise MountError(f"{mountpoint}: mounted by {who}, not by you or root: its word on its layers is not "
-                         f"trusted (give the upper directory itself)")
+    _trusted(mountpoint)
     try:
         stack = json.loads(os.getxattr(mountpoint, STACK_XATTR.decode()))
     except OSError as exc:

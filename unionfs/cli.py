@@ -12,7 +12,7 @@ from . import __version__, api, mountopts
 from .errors import LayermountError, NetworkError, UsageError
 from .mount import MountOptions, check_mountpoint, unmount
 from .progress import PullProgress, human_size
-from .provenance import explain_lines, explain_path
+from .provenance import cut_stack, explain_lines, explain_path
 from .textsafe import shown
 
 SUBCOMMANDS = ("unpack", "umount", "store", "inspect", "which", "explain", "diff", "commit", "history", "run",
@@ -333,9 +333,9 @@ def _run_subcommand(args: argparse.Namespace) -> int:
         _print(f"{errors} errors, {len(findings) - errors} warnings")
         return 1 if errors else 0
     if args.command == "explain":
-        mountpoint, inside = api.find_mount(args.path)
-        _print(f"Looking up /{inside} in {mountpoint}, top layer first:")
-        for line in explain_lines(api.mount_stack(mountpoint), inside):
+        found = api.find_mount(args.path)
+        _print(f"Looking up /{found.inside} in {_view_name(found)}, top layer first:")
+        for line in explain_lines(_stack_of(found), found.inside):
             _print(line)
         return 0
     if args.command == "store":
@@ -466,10 +466,21 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_of(found: api.MountPath) -> list[dict]:
+    stack = api.mount_stack(found.mountpoint)
+    return stack if found.cut is None else cut_stack(stack, found.cut)
+
+
+def _view_name(found: api.MountPath) -> str:
+    if found.cut is None:
+        return found.mountpoint
+    return f"{found.mountpoint}/.layers/{found.cut} (the image after build step {found.cut})"
+
+
 def _which(path: str) -> int:
-    mountpoint, inside = api.find_mount(path)
-    verdicts = explain_path(api.mount_stack(mountpoint), inside)
-    _print(f"/{inside}  (mount {mountpoint}, layers top first)")
+    found = api.find_mount(path)
+    verdicts = explain_path(_stack_of(found), found.inside)
+    _print(f"/{found.inside}  (mount {_view_name(found)}, layers top first)")
     for verdict in verdicts:
         name = verdict.name[:19] if verdict.name.startswith("sha256:") else verdict.name
         _print(f"  layer {verdict.index:>3}  {verdict.has or '-':<12}  {verdict.note:<40}  {name}")

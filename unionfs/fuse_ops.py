@@ -95,8 +95,9 @@ class _Entries:
 
     def of_node(self, view: MergedView, node: Node) -> pyfuse3.EntryAttributes:
         if node.unlinked:
-            entry = self.of_attr(node.ino, view.attr(node), False, True)
-            entry.st_nlink = 0     # deleted but still open: its size and times live on in the fd
+            attr = view.attr(node)     # deleted but still open: its size and times live on in the fd
+            entry = self.of_attr(node.ino, attr, False, True)
+            entry.st_nlink = view.link_count(node, attr)
             return entry
         if node.child.in_upper:
             attr = view.attr(node)
@@ -106,7 +107,10 @@ class _Entries:
     def of_child(self, view: MergedView, ino: int, child: Child) -> pyfuse3.EntryAttributes:
         """Built afresh each time: kept per entry, the replies were a third of the daemon's memory
         after a walk, and building one costs less than the request that carries it."""
-        return self.of_attr(ino, child.attr, child.is_merged_dir, child.in_upper)
+        entry = self.of_attr(ino, child.attr, child.is_merged_dir, child.in_upper)
+        if not child.in_upper and child.attr.nlink > 1 and not child.attr.is_dir:
+            entry.st_nlink = view.child_link_count(child)    # its names may go, in this view or a layer
+        return entry
 
     def virtual(self, inode: int) -> pyfuse3.EntryAttributes:
         """/.layers itself (a directory) and its short-digest aliases (symlinks)."""

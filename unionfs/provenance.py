@@ -7,8 +7,11 @@ import os
 import stat
 from dataclasses import dataclass
 
+from .errors import UsageError
 from .layerform import whiteout_name
 from .overlay import Layer, MergedView
+
+UPPER_NAME = "upper"      # the name the mount gives its upper in its stack
 
 
 @dataclass
@@ -25,6 +28,14 @@ def open_stack(stack: list[dict]) -> MergedView:
     """The mount's layers, read in the marker form the mount reads each in (its stack xattr says)."""
     return MergedView([Layer.open(entry["path"], entry["name"], overlay_form=entry.get("overlay_form", True))
                        for entry in stack])
+
+
+def cut_stack(stack: list[dict], number: int) -> list[dict]:
+    """The stack of ``/.layers/N``: the bottom N lower layers, no upper (as the mount's cut has them)."""
+    lowers = [entry for entry in stack if entry["name"] != UPPER_NAME]
+    if not 1 <= number <= len(lowers):
+        raise UsageError(f"the image has no build step {number}")
+    return lowers[len(lowers) - number:]
 
 
 def explain_path(stack: list[dict], relpath: str) -> list[LayerVerdict]:
@@ -66,6 +77,8 @@ def _resolve(view: MergedView, relpath: str) -> tuple[list[int], tuple[int, str]
         child = view.listing(node).get(os.fsencode(part))
         if child is None:
             return [], _first_blocker(view, "/".join(parts[:depth]), part, node.sources)
+        if depth < len(parts) - 1 and not child.attr.is_dir:
+            return [], None    # a symlink or file on the way: nothing below it (the mount never follows one)
         node = view.remember(node, child)
     return list(node.sources), None
 
@@ -137,6 +150,10 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
                 lines.append(f"  => {path} does not exist in the merged view")
                 return lines
             child_node = view.remember(node, child)
+            if depth < len(parts) - 1 and not child.attr.is_dir:
+                lines.append(f"  => {path} is no directory here: {'/'.join(parts[depth + 1:])} below it does not "
+                             f"exist in the merged view")
+                return lines
             if child.attr.is_dir:
                 view.listing(child_node)   # an opaque copy below cuts the merge short here
             winner = _label(view, child.sources[0])
@@ -145,7 +162,7 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
                 lines.append(f"  => a directory from {winner}, merged with {others}")
             else:
                 lines.append(f"  => the copy in {winner} is the one seen")
-            if view.layers[child.sources[0]].name == "upper":
+            if view.layers[child.sources[0]].name == UPPER_NAME:
                 below = [p for p in looked if p != child.sources[0] and _kind_in_layer(
                     view, p, "/".join(parts[:depth + 1])) is not None]
                 when = datetime.datetime.fromtimestamp(child.attr.ctime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
@@ -161,7 +178,7 @@ def explain_lines(stack: list[dict], relpath: str) -> list[str]:
 
 def _label(view: MergedView, position: int) -> str:
     name = view.layers[position].name
-    if name == "upper":
+    if name == UPPER_NAME:
         return "the upper layer"
     number = len(view.layers) - position
     return f"layer {number} ({name[:19] if name.startswith('sha256:') else name})"

@@ -25,6 +25,9 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _have_openat2 = True
+# The longest path one open(2) takes (PATH_MAX less its NUL); a layer path may be longer than that
+# (the mount's own path is not part of it), so longer ones are opened a stretch at a time.
+PATH_MAX = 4095
 
 
 def open_beneath(root_fd: int, relpath: bytes, flags: int, mode: int = 0o600) -> int:
@@ -33,6 +36,8 @@ def open_beneath(root_fd: int, relpath: bytes, flags: int, mode: int = 0o600) ->
     The last component is refused too when it is a symlink (ELOOP), unless
     O_PATH|O_NOFOLLOW is asked for, which opens the link itself.
     """
+    if len(relpath) > PATH_MAX:
+        return _open_long(root_fd, relpath, flags, mode)
     global _have_openat2
     flags |= os.O_CLOEXEC
     path = relpath or b"."
@@ -47,6 +52,18 @@ def open_beneath(root_fd: int, relpath: bytes, flags: int, mode: int = 0o600) ->
             raise OSError(err, os.strerror(err), path)
         _have_openat2 = False
     return _open_by_components(root_fd, path, flags, mode)
+
+
+def _open_long(root_fd: int, relpath: bytes, flags: int, mode: int) -> int:
+    """open_beneath of a path longer than PATH_MAX: its leading directories a stretch at a time."""
+    head = relpath[:PATH_MAX + 1].rpartition(b"/")[0]
+    if not head:
+        raise OSError(errno.ENAMETOOLONG, "name too long", relpath[:PATH_MAX])
+    fd = open_beneath(root_fd, head, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return open_beneath(fd, relpath[len(head) + 1:], flags, mode)
+    finally:
+        os.close(fd)
 
 
 def _open_by_components(root_fd: int, path: bytes, flags: int, mode: int) -> int:
@@ -108,6 +125,7 @@ def fd_path(fd: int, name: bytes = b"") -> bytes:
 
 
 _RESOLVE_IN_ROOT = 0x10
+_IN_ROOT_RETRIES = 1000
 
 
 def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
@@ -117,7 +135,11 @@ def open_in_root(root_fd: int, relpath: bytes, flags: int) -> int:
     reaching the host; magic links (/proc/*/fd) are refused. Needs openat2 (Linux 5.6).
     """
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_SYS_OPENAT2, root_fd, relpath or b".", ctypes.byref(how), ctypes.sizeof(how))
+    for _ in range(_IN_ROOT_RETRIES):
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, relpath or b".", ctypes.byref(how), ctypes.sizeof(how))
+        # EAGAIN: a rename anywhere on the host while ".." was walked; the kernel asks for a retry.
+        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:

@@ -17,10 +17,9 @@ from ..layerform import is_marker_name
 from .copyup import CopyUp
 from .idmap import record_owner
 from .nodes import UPPER, Attr, Child, Node
-from .tree import Tree
-from .upper import remove_tree_at
+from .tree import Tree, check_name_length
+from .upper import remove_tree_at, times_kept
 
-NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -111,6 +110,7 @@ class Changes:
         self._remove(parent, child)
 
     def _existing(self, parent: Node, name: bytes) -> Child:
+        check_name_length(name)
         child = self.tree.listing(parent).get(name)
         if child is None:
             raise OSError(errno.ENOENT, "no such entry")
@@ -118,6 +118,7 @@ class Changes:
 
     def _remove(self, parent: Node, child: Child) -> None:
         """Drop an entry: its upper copy goes, and a whiteout hides any lower one."""
+        self.tree.refresh(child, parent)   # its link count now says whether this is its last name
         with _closing(self.copyup.upper_dir_fd(parent)) as fd:
             if child.in_upper:
                 remove_tree_at(fd, child.name)
@@ -127,6 +128,7 @@ class Changes:
         self._orphan(child)
 
     def _orphan(self, child: Child) -> None:
+        """A name is gone: its node loses it, and a host inode gone with its last name is retired."""
         inodes = self.tree.inodes
         node = inodes.known(child.attr)
         if node is not None:
@@ -164,6 +166,8 @@ class Changes:
     def _move(self, parent: Node, source: Child, new_parent: Node, new_name: bytes, target: Child | None) -> None:
         name = source.name
         self.copyup.copy_up_whole(self.tree.node_of(parent, source))
+        if target is not None:
+            self.tree.refresh(target, new_parent)   # its link count now says whether this is its last name
         upper = self.upper
         with _closing(self.copyup.upper_dir_fd(parent)) as old_fd, \
                 _closing(self.copyup.upper_dir_fd(new_parent)) as new_fd:
@@ -206,15 +210,14 @@ class Changes:
         self.tree.refresh(child, new_parent)
 
     def _make_opaque(self, dir_fd: int, name: bytes) -> None:
-        with _closing(_open_child_dir(dir_fd, name)) as fd:
+        with _closing(_open_child_dir(dir_fd, name)) as fd, times_kept(fd):
             self.upper.make_opaque(fd)
 
 
 def _check_name(name: bytes) -> None:
+    check_name_length(name)
     if is_marker_name(name):
         raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
-    if len(name) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
 def _new_gid(parent: Node, gid: int) -> int:

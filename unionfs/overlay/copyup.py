@@ -18,7 +18,7 @@ import trio
 from .layers import ParentFd, paths_of_inode, regular_file
 from .nodes import UPPER, Attr, Node
 from .tree import Tree
-from .upper import StagedCopy, UpperLayer, read_xattrs
+from .upper import StagedCopy, UpperLayer, read_xattrs, times_kept
 
 # Copy-ups of files this large copy their data in a worker thread.
 THREADED_COPY_SIZE = 1 << 20
@@ -58,7 +58,8 @@ class CopyUp:
                 xattrs = read_xattrs(lower_fd, name)
             parent_fd = upper.open_dir(directory.parent.relpath)
             try:
-                upper.make_dir_like(parent_fd, directory.name, directory.attr, xattrs)
+                with times_kept(parent_fd):
+                    upper.make_dir_like(parent_fd, directory.name, directory.attr, xattrs)
             finally:
                 os.close(parent_fd)
             self._became_upper(directory, (UPPER,) + directory.sources)
@@ -83,7 +84,8 @@ class CopyUp:
             # Each directory now holds all it shows: nothing below may add to it.
             fd = self.writable().open_dir(directory.relpath)
             try:
-                self.upper.make_opaque(fd)
+                with times_kept(fd):
+                    self.upper.make_opaque(fd)
             finally:
                 os.close(fd)
             directory.child.sources = (UPPER,)
@@ -141,7 +143,8 @@ class CopyUp:
             target = os.readlink(name, dir_fd=lower_fd) if stat.S_ISLNK(served.mode) else None
         parent_fd = upper.open_dir(node.parent.relpath)
         try:
-            upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
+            with times_kept(parent_fd):
+                upper.copy_special_in(parent_fd, node.name, served, target, xattrs)
         finally:
             os.close(parent_fd)
         self._became_upper(node, (UPPER,))
@@ -154,7 +157,8 @@ class CopyUp:
             return
         parent_fd = self.upper_dir_fd(node.parent)
         try:
-            staged.publish(parent_fd, node.name)
+            with times_kept(parent_fd):
+                staged.publish(parent_fd, node.name)
         finally:
             os.close(parent_fd)
         lower, lower_index = node.attr, node.winner
@@ -181,8 +185,9 @@ class CopyUp:
             try:
                 dest_fd = self.upper_dir_fd(parent)
                 try:
-                    os.link(source_name, child.name, src_dir_fd=source_fd, dst_dir_fd=dest_fd,
-                            follow_symlinks=False)
+                    with times_kept(dest_fd):
+                        os.link(source_name, child.name, src_dir_fd=source_fd, dst_dir_fd=dest_fd,
+                                follow_symlinks=False)
                 finally:
                     os.close(dest_fd)
             finally:

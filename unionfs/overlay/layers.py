@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safepath
-from ..layerform import OVERRIDE_XATTR, Override, is_overlay_opaque, is_overlay_whiteout, override_xattr_of, \
-    read_override
+from ..layerform import OPAQUE_MARKER_BYTES, OVERRIDE_XATTR, Override, is_overlay_opaque, is_overlay_whiteout, \
+    override_xattr_of, read_override
 from .merge import DirListing
 
 
@@ -107,6 +107,23 @@ class Layer:
         if overlay_form and not listing.opaque:
             listing.opaque = is_overlay_opaque(dir_fd)
         return listing
+
+    def is_opaque_dir(self, parent_fd: int, name: bytes) -> bool:
+        """Whether this layer's directory ``name`` (in ``parent_fd``) is opaque, in either of its forms:
+        known before the directory is listed, so it is never served as merged with what it hides."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError:
+            return False
+        try:
+            try:
+                os.stat(OPAQUE_MARKER_BYTES, dir_fd=fd, follow_symlinks=False)
+                return True
+            except FileNotFoundError:
+                pass
+            return self.overlay_form and is_overlay_opaque(fd)
+        finally:
+            os.close(fd)
 
     def listing_of(self, relpath: bytes) -> DirListing | None:
         """The classified copy of one directory, or None where the layer has none."""

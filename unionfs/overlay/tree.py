@@ -9,6 +9,7 @@ in place (``changes``, ``copyup``).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import NamedTuple
 
@@ -17,6 +18,15 @@ from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing, merge
 from .nodes import UPPER, Attr, Child, Node
+
+
+NAME_MAX = 255
+
+
+def check_name_length(name: bytes) -> None:
+    """A name longer than any layer can hold is ENAMETOOLONG, never a mere ENOENT (as on the host)."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
 class _Copy(NamedTuple):
@@ -80,13 +90,21 @@ class Tree:
             st = stat(name, dir_fd=fd, follow_symlinks=False)
             attr = Attr(st, layer.override(fd, name, st)) if layer.rootless else Attr(st)
             if len(sources) > 1:
-                alone = tuple(copies[position].layer_index for position in sources)
+                alone = self._down_to_opaque(copies, sources, name)
             children[name] = Child(name, alone, attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:
             node.lower_names = set(children)
         return children
+
+    def _down_to_opaque(self, copies: list[_Copy], positions: tuple[int, ...], name: bytes) -> tuple[int, ...]:
+        """The layers of a child, ending at its first opaque copy (nlink and copy-up tell merged from not)."""
+        sources = tuple(copies[p].layer_index for p in positions)
+        for count, position in enumerate(positions[:-1], 1):
+            if self.layers[copies[position].layer_index].is_opaque_dir(copies[position].fd, name):
+                return sources[:count]
+        return sources
 
     # ---- attributes -------------------------------------------------------------
     def refresh(self, child: Child, parent: Node | None) -> Attr:
@@ -134,6 +152,7 @@ class Tree:
             node = parent if name == b"." else parent.parent or parent
             node.lookups += 1
             return node
+        check_name_length(name)
         child = self.listing(parent).get(name)
         if child is None:
             return None

@@ -213,6 +213,19 @@ def read_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
     return found
 
 
+@contextlib.contextmanager
+def times_kept(dir_fd: int):
+    """The upper's bookkeeping (a copy-up renamed in, an opaque marker, a hardlink restored) is no change
+    the merged view shows: the directory keeps its atime and mtime, as kernel overlayfs keeps them."""
+    before = os.fstat(dir_fd)
+    try:
+        yield
+    finally:
+        # Only an owner may set times: a directory an unprivileged daemon does not own keeps the new ones.
+        with contextlib.suppress(PermissionError):
+            os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
     """rm -rf of one entry below a directory fd, never following symlinks."""
     try:

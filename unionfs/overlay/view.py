@@ -6,6 +6,7 @@ this class, and this class only; the rooms behind it can change freely.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -18,6 +19,7 @@ from .copyup import CopyUp
 from .idmap import Ownership
 from .inodes import InodeTable
 from .layers import Layer
+from .links import LinkCounts
 from .merge import DirListing
 from .nodes import Attr, Child, Node
 from .openfiles import OpenFiles
@@ -54,6 +56,7 @@ class MergedView:
         self._copyup = CopyUp(self.tree, upper, self._copied_up)
         self._changes = Changes(self.tree, self._copyup)
         self._attributes = AttributeChanges(self.tree, self._copyup)
+        self._links = LinkCounts(self.tree)
 
     def _copied_up(self, node: Node) -> None:
         if not node.attr.is_dir:
@@ -102,6 +105,15 @@ class MergedView:
             return Attr(os.fstat(fd)) if fd is not None else node.attr
         return self.tree.attr(node)
 
+    def link_count(self, node: Node, attr: Attr) -> int:
+        """st_nlink of a non-directory: the names the merged view has for it (0 once none is left)."""
+        if node.unlinked and node.in_upper and self.files.any_fd(node) is None:
+            return 0
+        return self._links.count(attr, node.winner, unlinked=node.unlinked)
+
+    def child_link_count(self, child: Child) -> int:
+        return self._links.count(child.attr, child.sources[0])
+
     def child_ino(self, parent: Node, child: Child) -> int:
         """A listed child's st_ino, its attributes read afresh first if it lives in the upper."""
         self.tree.refresh(child, parent)
@@ -139,8 +151,10 @@ class MergedView:
     async def copy_up(self, node: Node, *, with_data: bool = True) -> None:
         """Bring a file into the upper before it is written, the data of a large one in a worker thread."""
         await self._copyup.copy_up_in_thread(node, with_data=with_data)
+        self._links.names_changed()     # after: a count may be asked while the data is copied
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
+        self._links.names_changed()
         return self._changes.create(parent, name, mode, flags, uid, gid)
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -153,9 +167,11 @@ class MergedView:
         return self._changes.symlink(parent, name, target, uid, gid)
 
     def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
+        self._links.names_changed()
         return self._changes.link(node, new_parent, new_name)
 
     def unlink(self, parent: Node, name: bytes) -> None:
+        self._links.names_changed()
         self._changes.unlink(parent, name)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
@@ -163,9 +179,11 @@ class MergedView:
 
     def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
         """rename(2) with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+        self._links.names_changed()
         self._changes.rename(parent, name, new_parent, new_name, flags)
 
     def set_attributes(self, node: Node, change: AttrChange, open_fd: int | None = None) -> None:
+        self._links.names_changed()     # a copy-up moves the file's names into the upper
         self._attributes.set(node, change, open_fd)
 
     @staticmethod
@@ -173,9 +191,11 @@ class MergedView:
         change_open_file(fd, change)
 
     def set_xattr(self, node: Node, name: bytes, value: bytes) -> None:
+        self._links.names_changed()
         self._attributes.set_xattr(node, name, value)
 
     def remove_xattr(self, node: Node, name: bytes) -> None:
+        self._links.names_changed()
         self._attributes.remove_xattr(node, name)
 
     # ---- for diff and provenance ------------------------------------------------------
@@ -186,8 +206,14 @@ class MergedView:
         return self.tree.node_of(parent, child)
 
     def layer_listing(self, index: int, relpath: bytes) -> DirListing | None:
-        """One layer's copy of a directory, classified by the very code the merge uses."""
-        return self.layers[index].listing_of(relpath)
+        """One layer's copy of a directory, classified by the very code the merge uses; None where
+        it has none (a symlink there too: a layer's symlink is never followed)."""
+        try:
+            return self.layers[index].listing_of(relpath)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise
 
     def layer_lstat(self, index: int, relpath: bytes) -> os.stat_result | None:
         """lstat of a path in one layer (beneath its root), or None where it has nothing."""
