@@ -134,9 +134,13 @@ class LayerStore:
     def _lock_path(self, key: str) -> Path:
         return self.locks_dir / f"{key}.lock"
 
+    def _open_lock(self, key: str) -> int:
+        """The fd of ``key``'s lock file, created private: it carries no data, only the flock."""
+        return os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     @contextlib.contextmanager
     def _lock(self, key: str, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock(key)
         try:
             fcntl.flock(fd, mode)
             yield
@@ -145,7 +149,7 @@ class LayerStore:
 
     @contextlib.contextmanager
     def _try_lock(self, key: str) -> Iterator[bool]:
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock(key)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,7 +167,7 @@ class LayerStore:
         """
         fds = []
         for diff_id in diff_ids:
-            fd = os.open(self._lock_path(hex_of(diff_id)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open_lock(hex_of(diff_id))
             fcntl.flock(fd, fcntl.LOCK_SH)
             fds.append(fd)
         return fds
@@ -176,7 +180,7 @@ class LayerStore:
         """
         self.ensure()
         key = "mount-" + os.urandom(8).hex()
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock(key)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir), fd
 
