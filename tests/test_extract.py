@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tars import MTIME, directory, entry, file, hardlink, symlink, tar_of
 from unionfs.errors import ImageError, UnsafeArchive
 from unionfs.extract import ExtractStats, _ForwardReader, extract_layer
 
 OVERRIDE = "user.containers.override_stat"
-MTIME = 1_600_000_000
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
@@ -88,40 +88,6 @@ def extract(box: Box, data: bytes, **options) -> ExtractStats:
         assert not stream.closed
 
 
-# ---- building tars ------------------------------------------------------------
-def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.size = len(data)
-    info.mtime = MTIME
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info, data
-
-
-def file(name, data=b"", **attrs):
-    return entry(name, tarfile.REGTYPE, data, **attrs)
-
-
-def directory(name, **attrs):
-    return entry(name, tarfile.DIRTYPE, **attrs)
-
-
-def symlink(name, target, **attrs):
-    return entry(name, tarfile.SYMTYPE, linkname=target, **attrs)
-
-
-def hardlink(name, target, **attrs):
-    return entry(name, tarfile.LNKTYPE, linkname=target, **attrs)
-
-
-def tar_of(*entries, format=tarfile.PAX_FORMAT) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=format) as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def pad(data: bytes) -> bytes:

@@ -27,6 +27,7 @@ import zstandard
 from hypothesis import example, given, settings, strategies as st
 
 from conftest import run_layermount
+from tars import MTIME, directory, entry, file, hardlink, symlink, tar_of
 from unionfs.errors import ImageError, UnsafeArchive
 from unionfs.extract import _StrictTarInfo, extract_layer
 from unionfs.image.compression import open_decompressed
@@ -34,7 +35,6 @@ from unionfs.image.writer import new_config, write_image
 from unionfs.mount import is_mounted
 
 OVERRIDE = "user.containers.override_stat"
-MTIME = 1_500_000_000
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -90,11 +90,11 @@ class Site:
 
 def emptied(site: Site) -> None:
     """Remove what an unpack made, keeping dest itself (the snapshot would see a new dest)."""
-    for entry in site.dest.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+    for child in site.dest.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
         else:
-            entry.unlink()
+            child.unlink()
 
 
 @pytest.fixture
@@ -133,42 +133,7 @@ def refused(site: Site, data, member: str, *, shown: str | None = None, kind=Uns
     return caught.value
 
 
-# ---- building tars ----------------------------------------------------------------------------
-def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", pax: dict | None = None, **attrs):
-    info = tarfile.TarInfo(name)
-    info.type, info.size, info.mtime = kind, len(data), MTIME
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    if pax:
-        info.pax_headers = dict(pax)
-    return info, data
-
-
-def reg(name, data=b"", **attrs):
-    return member(name, tarfile.REGTYPE, data, **attrs)
-
-
-def dir_(name, **attrs):
-    return member(name, tarfile.DIRTYPE, **attrs)
-
-
-def sym(name, target, **attrs):
-    return member(name, tarfile.SYMTYPE, linkname=target, **attrs)
-
-
-def hard(name, target, **attrs):
-    return member(name, tarfile.LNKTYPE, linkname=target, **attrs)
-
-
-def tar_of(*members, format=tarfile.PAX_FORMAT, pax_headers=None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=format, pax_headers=pax_headers) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
+# ---- building raw headers that tarfile will not write -------------------------------------
 def octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
@@ -219,19 +184,19 @@ def gnu_sparse(name: bytes, real_size: int, segments: list[tuple[int, bytes]]) -
 
 # ---- 1. unit level: names -----------------------------------------------------------------------
 DOTDOT_CASES = {
-    "plain": ("../escaped", lambda: tar_of(reg("ok", b"1"), reg("../escaped", b"x"))),
-    "aimed at the sentinel": ("../outside/secret", lambda: tar_of(reg("../outside/secret", b"x"))),
-    "inner": ("a/b/../../../outside/new", lambda: tar_of(reg("a/b/../../../outside/new", b"x"))),
-    "absolute then up": ("/../outside/new", lambda: tar_of(reg("/../outside/new", b"x"))),
-    "directory": ("../outside/newdir", lambda: tar_of(dir_("../outside/newdir"))),
-    "symlink": ("../outside/sl", lambda: tar_of(sym("../outside/sl", "/etc"))),
+    "plain": ("../escaped", lambda: tar_of(file("ok", b"1"), file("../escaped", b"x"))),
+    "aimed at the sentinel": ("../outside/secret", lambda: tar_of(file("../outside/secret", b"x"))),
+    "inner": ("a/b/../../../outside/new", lambda: tar_of(file("a/b/../../../outside/new", b"x"))),
+    "absolute then up": ("/../outside/new", lambda: tar_of(file("/../outside/new", b"x"))),
+    "directory": ("../outside/newdir", lambda: tar_of(directory("../outside/newdir"))),
+    "symlink": ("../outside/sl", lambda: tar_of(symlink("../outside/sl", "/etc"))),
     "gnu long name": ("../" * 40 + "outside/new",
                       lambda: gnu_long(b"L", b"../" * 40 + b"outside/new\0") + sealed(raw_header(b"short")) + END),
     "pax path over a harmless name": ("../outside/new",
-                                      lambda: tar_of(reg("harmless", b"x", pax={"path": "../outside/new"}))),
+                                      lambda: tar_of(file("harmless", b"x", pax={"path": "../outside/new"}))),
     "pax global path": ("../outside/new",
-                        lambda: tar_of(reg("harmless", b"x"), pax_headers={"path": "../outside/new"})),
-    "sparse real name": ("../outside/new", lambda: tar_of(reg("GNUSparseFile.0/s", padded(b"1\n0\n1\n") + b"x", pax={
+                        lambda: tar_of(file("harmless", b"x"), pax_headers={"path": "../outside/new"})),
+    "sparse real name": ("../outside/new", lambda: tar_of(file("GNUSparseFile.0/s", padded(b"1\n0\n1\n") + b"x", pax={
         "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "../outside/new",
         "GNU.sparse.realsize": "1"}))),
 }
@@ -245,8 +210,8 @@ def test_dotdot_names_are_refused(site, case):
 
 
 def test_absolute_names_are_stripped_and_land_inside(site):
-    unpack(site, tar_of(reg("/etc/passwd", b"layer passwd"), reg("//twice/x", b"2"), dir_("/abs/dir/"),
-                        sym("/abs/link", "/etc/shadow"), reg("/./dots/./f", b"d")))
+    unpack(site, tar_of(file("/etc/passwd", b"layer passwd"), file("//twice/x", b"2"), directory("/abs/dir/"),
+                        symlink("/abs/link", "/etc/shadow"), file("/./dots/./f", b"d")))
     assert (site.dest / "etc/passwd").read_bytes() == b"layer passwd"
     assert (site.dest / "twice/x").read_bytes() == b"2"
     assert (site.dest / "abs/dir").is_dir() and (site.dest / "dots/f").read_bytes() == b"d"
@@ -254,11 +219,11 @@ def test_absolute_names_are_stripped_and_land_inside(site):
 
 
 def test_a_nul_in_a_name_or_a_link_target_is_refused(site):
-    refused(site, tar_of(reg("plain", b"x", pax={"path": "etc\0/../../x"})), "etc\0/../../x",
+    refused(site, tar_of(file("plain", b"x", pax={"path": "etc\0/../../x"})), "etc\0/../../x",
             shown="etc\\x00/../../x", words="NUL")
-    refused(site, tar_of(sym("s", "x", pax={"linkpath": "/etc\0passwd"})), "s", words="NUL")
-    refused(site, tar_of(reg("f"), hard("h", "f", pax={"linkpath": "f\0../../outside/secret"})), "h", words="NUL")
-    refused(site, tar_of(reg("f", pax={"SCHILY.xattr.user.a\0b": "v"})), "f", kind=ImageError, words="xattr name")
+    refused(site, tar_of(symlink("s", "x", pax={"linkpath": "/etc\0passwd"})), "s", words="NUL")
+    refused(site, tar_of(file("f"), hardlink("h", "f", pax={"linkpath": "f\0../../outside/secret"})), "h", words="NUL")
+    refused(site, tar_of(file("f", pax={"SCHILY.xattr.user.a\0b": "v"})), "f", kind=ImageError, words="xattr name")
 
 
 def test_a_nul_in_a_plain_header_name_ends_the_name_as_in_c(site):
@@ -269,7 +234,7 @@ def test_a_nul_in_a_plain_header_name_ends_the_name_as_in_c(site):
 def test_names_over_path_max_or_name_max_are_refused_and_path_max_itself_works(site):
     limit = "/".join(["d" * 255] * 16)                         # PATH_MAX - 1 bytes (the kernel counts the NUL)
     assert len(limit) == 4095
-    unpack(site, tar_of(reg(limit, b"at the limit")))
+    unpack(site, tar_of(file(limit, b"at the limit")))
     half = "/".join(limit.split("/")[:8])
     fd = os.open(site.dest / half, os.O_RDONLY | os.O_DIRECTORY)   # the whole path is too long to open at once
     try:
@@ -278,26 +243,26 @@ def test_names_over_path_max_or_name_max_are_refused_and_path_max_itself_works(s
     finally:
         os.close(fd)
     too_long = limit + "x"
-    refused(site, tar_of(reg(too_long, b"x")), too_long, words="PATH_MAX")
-    refused(site, tar_of(reg("f"), hard("h", "a/" * 2100)), "h", words="PATH_MAX")
-    refused(site, tar_of(reg("d/" + "n" * 256, b"x")), "d/" + "n" * 256, words="NAME_MAX")
-    refused(site, tar_of(sym("s", "t" * 5000)), "s", kind=ImageError, words="File name too long")
+    refused(site, tar_of(file(too_long, b"x")), too_long, words="PATH_MAX")
+    refused(site, tar_of(file("f"), hardlink("h", "a/" * 2100)), "h", words="PATH_MAX")
+    refused(site, tar_of(file("d/" + "n" * 256, b"x")), "d/" + "n" * 256, words="NAME_MAX")
+    refused(site, tar_of(symlink("s", "t" * 5000)), "s", kind=ImageError, words="File name too long")
 
 
 def test_message_escapes_control_characters_in_names(site):
-    error = refused(site, tar_of(reg("../new\nline\x1b[2J", b"x")), "../new\nline\x1b[2J",
+    error = refused(site, tar_of(file("../new\nline\x1b[2J", b"x")), "../new\nline\x1b[2J",
                     shown="../new\\nline\\x1b[2J")
     assert "\x1b" not in str(error)
 
 
 # ---- symlinks ------------------------------------------------------------------------------------
 WRITES_BELOW = {
-    "file": lambda name: reg(name, b"pwned"),
-    "directory": lambda name: dir_(name),
-    "symlink": lambda name: sym(name, "/bin/sh"),
-    "fifo": lambda name: member(name, tarfile.FIFOTYPE),
-    "device": lambda name: member(name, tarfile.CHRTYPE, devmajor=1, devminor=3),
-    "hardlink": lambda name: hard(name, "ok"),
+    "file": lambda name: file(name, b"pwned"),
+    "directory": lambda name: directory(name),
+    "symlink": lambda name: symlink(name, "/bin/sh"),
+    "fifo": lambda name: entry(name, tarfile.FIFOTYPE),
+    "device": lambda name: entry(name, tarfile.CHRTYPE, devmajor=1, devminor=3),
+    "hardlink": lambda name: hardlink(name, "ok"),
 }
 
 
@@ -305,36 +270,36 @@ WRITES_BELOW = {
 @pytest.mark.parametrize("target", ["/etc", "OUTSIDE", "..", "../outside"])
 def test_nothing_is_written_through_a_symlink_member(site, target, what):
     target = str(site.outside) if target == "OUTSIDE" else target
-    data = tar_of(reg("ok", b"1"), sym("a", target), WRITES_BELOW[what]("a/passwd"))
+    data = tar_of(file("ok", b"1"), symlink("a", target), WRITES_BELOW[what]("a/passwd"))
     refused(site, data, "a/passwd", words="parent 'a' is a symlink", rootless=what == "device")
     assert os.readlink(site.dest / "a") == target                   # the link itself is kept, as written
 
 
 def test_chains_of_symlinks_to_dotdot_lead_nowhere(site):
-    chain = [sym("a", "."), sym("b", "a/.."), sym("c", "b/../.."), sym("d", "c/c/c/..")]
+    chain = [symlink("a", "."), symlink("b", "a/.."), symlink("c", "b/../.."), symlink("d", "c/c/c/..")]
     unpack(site, tar_of(*chain))                                    # making them is harmless
     assert [os.readlink(site.dest / name) for name in "abcd"] == [".", "a/..", "b/../..", "c/c/c/.."]
     for name in ("d/outside/secret", "c/x", "b/b/x", "a/a/a/x"):
         parent = name.split("/")[0]
-        refused(site, tar_of(*chain, reg(name, b"x")), name, words=f"parent '{parent}' is a symlink")
+        refused(site, tar_of(*chain, file(name, b"x")), name, words=f"parent '{parent}' is a symlink")
         emptied(site)
 
 
 def test_a_directory_replaced_by_a_symlink_cannot_be_written_below(site):
     # The replaced directories were open (cached) while their children were made.
     outside = str(site.outside)
-    for replace in (sym("d", outside), hard("d", "s")):       # a symlink member, or a hardlink to one
+    for replace in (symlink("d", outside), hardlink("d", "s")):       # a symlink member, or a hardlink to one
         emptied(site)
-        data = tar_of(sym("s", outside), dir_("d"), dir_("d/sub"), reg("d/sub/f", b"1"), replace,
-                      reg("d/sub/secret", b"overwritten"))
+        data = tar_of(symlink("s", outside), directory("d"), directory("d/sub"), file("d/sub/f", b"1"), replace,
+                      file("d/sub/secret", b"overwritten"))
         refused(site, data, "d/sub/secret", words="parent 'd' is a symlink")
         assert os.readlink(site.dest / "d") == outside
 
 
 def test_the_layer_root_cannot_be_replaced(site):
-    refused(site, tar_of(sym(".", str(site.outside)), reg("secret", b"x")), ".", words="layer root")
-    refused(site, tar_of(reg("./", b"x")), "./", words="layer root")
-    refused(site, tar_of(reg("f"), hard("/", "f")), "/", words="layer root")
+    refused(site, tar_of(symlink(".", str(site.outside)), file("secret", b"x")), ".", words="layer root")
+    refused(site, tar_of(file("./", b"x")), "./", words="layer root")
+    refused(site, tar_of(file("f"), hardlink("/", "f")), "/", words="layer root")
 
 
 # ---- hardlinks ------------------------------------------------------------------------------------
@@ -343,11 +308,11 @@ HARDLINK_ESCAPES = {            # case: (link target, members before the link, w
     "sentinel by absolute path": (lambda o: f"{o}/secret", lambda o: [], "not in this layer"),
     "dotdot": (lambda o: "../outside/secret", lambda o: [], "'..' component"),
     "not yet seen": (lambda o: "later", lambda o: [], "not in this layer (or not yet seen)"),
-    "through a symlink to /etc": (lambda o: "s/passwd", lambda o: [sym("s", "/etc")], "not in this layer"),
-    "through a symlink to dotdot": (lambda o: "up/outside/secret", lambda o: [sym("up", "..")], "not in this layer"),
-    "below a directory now a symlink": (lambda o: "d/f", lambda o: [reg("d/f", b"1"), sym("d", o)],
+    "through a symlink to /etc": (lambda o: "s/passwd", lambda o: [symlink("s", "/etc")], "not in this layer"),
+    "through a symlink to dotdot": (lambda o: "up/outside/secret", lambda o: [symlink("up", "..")], "not in this layer"),
+    "below a directory now a symlink": (lambda o: "d/f", lambda o: [file("d/f", b"1"), symlink("d", o)],
                                         "not in this layer"),
-    "a directory": (lambda o: "d", lambda o: [dir_("d")], "hardlink to directory"),
+    "a directory": (lambda o: "d", lambda o: [directory("d")], "hardlink to directory"),
 }
 
 
@@ -355,31 +320,31 @@ HARDLINK_ESCAPES = {            # case: (link target, members before the link, w
 def test_hardlinks_out_of_the_layer_are_refused(site, case):
     target, before, words = HARDLINK_ESCAPES[case]
     outside = str(site.outside)
-    refused(site, tar_of(*before(outside), hard("h", target(outside)), reg("later", b"x")), "h", words=words)
+    refused(site, tar_of(*before(outside), hardlink("h", target(outside)), file("later", b"x")), "h", words=words)
     assert os.lstat(site.outside / "secret").st_nlink == 1
 
 
 def test_a_hardlink_to_a_symlink_pointing_outside_links_the_symlink(site):
-    unpack(site, tar_of(sym("s", str(site.outside / "secret")), hard("h", "s"), sym("sd", str(site.outside)),
-                        hard("hd", "sd")))
+    unpack(site, tar_of(symlink("s", str(site.outside / "secret")), hardlink("h", "s"), symlink("sd", str(site.outside)),
+                        hardlink("hd", "sd")))
     assert os.lstat(site.dest / "h").st_ino == os.lstat(site.dest / "s").st_ino
     assert os.readlink(site.dest / "h") == str(site.outside / "secret")
-    refused(site, tar_of(sym("sd", str(site.outside)), hard("hd", "sd"), reg("hd/secret", b"x")), "hd/secret",
+    refused(site, tar_of(symlink("sd", str(site.outside)), hardlink("hd", "sd"), file("hd/secret", b"x")), "hd/secret",
             words="parent 'hd' is a symlink")
 
 
 def test_a_hardlink_to_the_absolute_name_of_a_layer_member_links_inside(site):
-    unpack(site, tar_of(reg("etc/passwd", b"layer"), hard("h", "/etc/passwd"), hard("/abs", "./etc//passwd")))
+    unpack(site, tar_of(file("etc/passwd", b"layer"), hardlink("h", "/etc/passwd"), hardlink("/abs", "./etc//passwd")))
     inode = os.stat(site.dest / "etc/passwd").st_ino
     assert os.stat(site.dest / "h").st_ino == os.stat(site.dest / "abs").st_ino == inode
     assert os.stat(site.dest / "etc/passwd").st_nlink == 3
 
 
 # ---- devices, whiteouts --------------------------------------------------------------------------
-DEVICES = [member("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
-           member("dev/sda", tarfile.BLKTYPE, mode=0o660, gid=6, devmajor=8, devminor=0),
-           member("dev/kmsg", tarfile.CHRTYPE, mode=0o4644, uid=3, devmajor=1, devminor=11),
-           member("run/fifo", tarfile.FIFOTYPE, mode=0o620, uid=7, gid=8)]
+DEVICES = [entry("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+           entry("dev/sda", tarfile.BLKTYPE, mode=0o660, gid=6, devmajor=8, devminor=0),
+           entry("dev/kmsg", tarfile.CHRTYPE, mode=0o4644, uid=3, devmajor=1, devminor=11),
+           entry("run/fifo", tarfile.FIFOTYPE, mode=0o620, uid=7, gid=8)]
 STAND_INS = {"dev/null": b"0:0:020666:1:3", "dev/sda": b"0:6:060660:8:0", "dev/kmsg": b"3:0:024644:1:11",
              "run/fifo": b"7:8:010620"}
 
@@ -400,7 +365,7 @@ def test_devices_with_rootless_are_empty_files_described_by_the_override(site):
 @needs_root
 def test_devices_unpacked_by_a_real_unprivileged_user_are_stand_ins(site):
     """A forked child as nobody, rootless detected from its euid: mknod would fail, the tar must not."""
-    good, hostile = tar_of(*DEVICES), tar_of(*DEVICES, reg("dev/../../outside/new"))
+    good, hostile = tar_of(*DEVICES), tar_of(*DEVICES, file("dev/../../outside/new"))
     os.chown(site.dest, NOBODY, NOBODY)
     before = site.snapshot()
     for tar_bytes, expected in ((good, "ok"), (hostile, "UnsafeArchive")):
@@ -438,18 +403,18 @@ def test_devices_unpacked_by_a_real_unprivileged_user_are_stand_ins(site):
                                          ("../.wh.outside", "'..' component"),
                                          ("/../outside/.wh.secret", "'..' component")])
 def test_whiteouts_of_dot_dotdot_or_outside_are_refused(site, name, words):
-    refused(site, tar_of(dir_("d"), reg(name)), name, words=words)
+    refused(site, tar_of(directory("d"), file(name)), name, words=words)
 
 
 def test_whiteouts_inside_are_kept_as_markers(site):
-    unpack(site, tar_of(reg(".wh.etc"), reg("/abs/.wh.passwd"), dir_("d"), reg("d/.wh..wh..opq")))
+    unpack(site, tar_of(file(".wh.etc"), file("/abs/.wh.passwd"), directory("d"), file("d/.wh..wh..opq")))
     for marker in (".wh.etc", "abs/.wh.passwd", "d/.wh..wh..opq"):
         assert (site.dest / marker).is_file()
 
 
 # ---- damaged tars and streams ---------------------------------------------------------------------
 def three_members(format=tarfile.USTAR_FORMAT) -> bytes:
-    return tar_of(reg("a", b"A" * 700), reg("b", b"B"), reg("c", b"C"), format=format)
+    return tar_of(file("a", b"A" * 700), file("b", b"B"), file("c", b"C"), format=format)
 
 
 def test_a_corrupt_header_checksum_is_an_image_error(site):
@@ -467,7 +432,7 @@ def test_a_corrupt_header_checksum_is_an_image_error(site):
 ])
 def test_impossible_sizes_are_image_errors(site, size_field, words):
     name = b"neg" if size_field.startswith(b"\xff") else b"huge"
-    first = tar_of(reg("first", b"1"), format=tarfile.USTAR_FORMAT)[:1024]     # header and data, no end blocks
+    first = tar_of(file("first", b"1"), format=tarfile.USTAR_FORMAT)[:1024]     # header and data, no end blocks
     with pytest.raises(ImageError, match=words) as caught:
         unpack(site, first + sealed(raw_header(name, b"0", size_field)) + END + bytes(8192))
     assert type(caught.value) is ImageError
@@ -592,7 +557,7 @@ def test_a_header_with_a_signed_checksum_or_base256_numbers_unpacks_as_tarfile_r
 
 
 def test_a_huge_base256_size_is_an_image_error_naming_the_member(site):
-    first = tar_of(reg("first", b"1"), format=tarfile.USTAR_FORMAT)[:1024]
+    first = tar_of(file("first", b"1"), format=tarfile.USTAR_FORMAT)[:1024]
     huge = raw_header(b"huge", b"0", b"\x80" + (1 << 62).to_bytes(11, "big"))
     refused(site, first + sealed(huge) + END + bytes(8192), "huge", kind=ImageError,
             words="unexpected end of data")
@@ -614,7 +579,7 @@ def compressed(kind: str, data: bytes) -> bytes:
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_truncated_compressed_streams_are_image_errors(site, kind):
-    data = tar_of(reg("small", b"s"), reg("big", os.urandom(200_000)), reg("after", b"a"))
+    data = tar_of(file("small", b"s"), file("big", os.urandom(200_000)), file("after", b"a"))
     blob = compressed(kind, data)
     with pytest.raises(ImageError, match=f"truncated {kind} stream"):
         unpack(site, open_decompressed(io.BytesIO(blob[:len(blob) // 2])))
@@ -628,7 +593,7 @@ def test_truncated_compressed_streams_are_image_errors(site, kind):
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_compressed_stream_cut_inside_a_member_names_the_member(site, kind):
-    blob = compressed(kind, tar_of(reg("small", b"s"), reg("big", os.urandom(200_000)), reg("after", b"a")))
+    blob = compressed(kind, tar_of(file("small", b"s"), file("big", os.urandom(200_000)), file("after", b"a")))
     refused(site, open_decompressed(io.BytesIO(blob[:len(blob) // 2])), "big", kind=ImageError,
             words=f"truncated {kind} stream")
 
@@ -644,7 +609,7 @@ def test_xattrs_that_do_not_fit_the_inode_are_an_image_error_naming_the_member(s
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             pytest.skip(f"setxattr fails otherwise here: {exc}")
-    refused(site, tar_of(reg("many", pax={"SCHILY.xattr." + name: value for name, value in xattrs.items()})),
+    refused(site, tar_of(file("many", pax={"SCHILY.xattr." + name: value for name, value in xattrs.items()})),
             "many", kind=ImageError)
 
 
@@ -653,7 +618,7 @@ def test_xattrs_that_do_not_fit_the_inode_are_an_image_error_naming_the_member(s
 def test_long_names_and_long_link_targets(site, format):
     deep = "/".join(["p" * 250] * 4) + "/f"                      # 1000+ bytes: ustar holds 255
     target = "../" + "/".join(["t" * 200] * 6)                   # 1200 bytes, dangling
-    data = tar_of(reg(deep, b"deep"), sym("s" * 120, target), hard("h" * 130, deep), hard("h2", "/" + deep),
+    data = tar_of(file(deep, b"deep"), symlink("s" * 120, target), hardlink("h" * 130, deep), hardlink("h2", "/" + deep),
                   format=format)
     assert (b"././@LongLink" in data) == (format == tarfile.GNU_FORMAT)
     unpack(site, data)
@@ -699,14 +664,14 @@ def test_crafted_gnu_sparse_member_with_a_trailing_hole(site):
 def test_duplicate_members_last_one_wins(site):
     outside = str(site.outside)
     unpack(site, tar_of(
-        reg("f", b"first"), reg("f", b"second"),
-        reg("kept", b"old"), hard("old-link", "kept"), reg("kept", b"new"),
-        dir_("tree"), reg("tree/a", b"a"), dir_("tree/sub"), reg("tree/sub/b"), reg("tree", b"file now"),
-        reg("grows", b"x"), dir_("grows", mode=0o750), reg("grows/child", b"c"),
-        dir_("merged", mode=0o700), reg("merged/one", b"1"), dir_("merged", mode=0o711), reg("merged/two", b"2"),
-        dir_("gone"), reg("gone/x"), sym("gone", outside),
-        sym("was-link", outside), dir_("was-link"), reg("was-link/inside", b"i"),
-        sym("link-then-file", "/etc/passwd"), reg("link-then-file", b"plain"),
+        file("f", b"first"), file("f", b"second"),
+        file("kept", b"old"), hardlink("old-link", "kept"), file("kept", b"new"),
+        directory("tree"), file("tree/a", b"a"), directory("tree/sub"), file("tree/sub/b"), file("tree", b"file now"),
+        file("grows", b"x"), directory("grows", mode=0o750), file("grows/child", b"c"),
+        directory("merged", mode=0o700), file("merged/one", b"1"), directory("merged", mode=0o711), file("merged/two", b"2"),
+        directory("gone"), file("gone/x"), symlink("gone", outside),
+        symlink("was-link", outside), directory("was-link"), file("was-link/inside", b"i"),
+        symlink("link-then-file", "/etc/passwd"), file("link-then-file", b"plain"),
     ))
     dest = site.dest
     assert (dest / "f").read_bytes() == b"second"
@@ -721,7 +686,7 @@ def test_duplicate_members_last_one_wins(site):
 
 
 def test_hardlinks_share_an_inode(site):
-    stats = unpack(site, tar_of(reg("a/f", b"data"), hard("b/g", "a/f"), hard("c", "./a/f"), hard("a/f", "a/f")))
+    stats = unpack(site, tar_of(file("a/f", b"data"), hardlink("b/g", "a/f"), hardlink("c", "./a/f"), hardlink("a/f", "a/f")))
     inodes = {os.stat(site.dest / name).st_ino for name in ("a/f", "b/g", "c")}
     assert len(inodes) == 1 and os.stat(site.dest / "c").st_nlink == 3 and (site.dest / "c").read_bytes() == b"data"
     assert stats.entries == 4 and stats.bytes == 4
@@ -744,13 +709,13 @@ def test_metadata_as_root(site):
     xattrs = {"SCHILY.xattr.user.text": "caf\u00e9", "SCHILY.xattr.user.bin": binary.decode("utf-8", "surrogateescape"),
               "SCHILY.xattr.trusted.bin": binary.decode("utf-8", "surrogateescape")}
     data = tar_of(
-        dir_("tmp", mode=0o1777, mtime=1_100_000_000), reg("tmp/later", b"l"),
-        dir_("usr/bin", mode=0o2755, uid=10, gid=20, mtime=1_200_000_000),
-        reg("usr/bin/su", b"#!", mode=0o4755, uid=0, gid=0, mtime=1_000_000_000, pax=xattrs),
-        reg("usr/bin/sg", b"#!", mode=0o2711, uid=1234, gid=5678, mtime=999),
-        sym("usr/bin/sh", "su", uid=42, gid=43, mtime=1_300_000_000),
-        reg("frac", pax={"mtime": "1234567890.123456789"}),
-        reg("forged", pax={"SCHILY.xattr." + OVERRIDE: "0:0:0104777"}),
+        directory("tmp", mode=0o1777, mtime=1_100_000_000), file("tmp/later", b"l"),
+        directory("usr/bin", mode=0o2755, uid=10, gid=20, mtime=1_200_000_000),
+        file("usr/bin/su", b"#!", mode=0o4755, uid=0, gid=0, mtime=1_000_000_000, pax=xattrs),
+        file("usr/bin/sg", b"#!", mode=0o2711, uid=1234, gid=5678, mtime=999),
+        symlink("usr/bin/sh", "su", uid=42, gid=43, mtime=1_300_000_000),
+        file("frac", pax={"mtime": "1234567890.123456789"}),
+        file("forged", pax={"SCHILY.xattr." + OVERRIDE: "0:0:0104777"}),
     )
     stats = unpack(site, data, rootless=False)
     dest = site.dest
@@ -776,8 +741,8 @@ def test_metadata_as_root(site):
 def test_a_read_only_directory_gets_its_children(site, rootless):
     if not rootless and os.geteuid() != 0:
         pytest.skip("needs root")
-    unpack(site, tar_of(dir_("ro", mode=0o555), dir_("ro/inner", mode=0o500), reg("ro/inner/f", b"x"),
-                        reg("ro/g", b"y", mode=0o444), hard("ro/h", "ro/g")), rootless=rootless)
+    unpack(site, tar_of(directory("ro", mode=0o555), directory("ro/inner", mode=0o500), file("ro/inner/f", b"x"),
+                        file("ro/g", b"y", mode=0o444), hardlink("ro/h", "ro/g")), rootless=rootless)
     assert (site.dest / "ro/inner/f").read_bytes() == b"x" and (site.dest / "ro/h").read_bytes() == b"y"
     if rootless:
         assert os.getxattr(site.dest / "ro", OVERRIDE) == b"0:0:040555"
@@ -789,18 +754,18 @@ def test_a_read_only_directory_gets_its_children(site, rootless):
 
 # ---- 2. end to end: the CLI and the store --------------------------------------------------------
 HOSTILE_LAYERS = {                      # case: (member as the message shows it, tar given the sentinel dir)
-    "dotdot": ("../escaped", lambda o: tar_of(reg("ok", b"1"), reg("../escaped", b"x"))),
-    "symlink to /etc, then through it": ("a/passwd", lambda o: tar_of(reg("ok"), sym("a", "/etc"),
-                                                                       reg("a/passwd", b"root::0:0::/:/bin/sh\n"))),
-    "directory replaced by a symlink": ("d/secret", lambda o: tar_of(dir_("d"), reg("d/f"), sym("d", str(o)),
-                                                                      reg("d/secret", b"overwritten"))),
-    "hardlink to a host file": ("h", lambda o: tar_of(reg("ok"), hard("h", "/etc/shadow"))),
-    "hardlink through a symlink": ("h", lambda o: tar_of(sym("s", str(o)), hard("h", "s/secret"))),
-    "whiteout of dotdot": ("d/.wh...", lambda o: tar_of(dir_("d"), reg("d/.wh..."))),
-    "nul in a name": ("a\\x00b", lambda o: tar_of(reg("ok"), reg("x", pax={"path": "a\0b"}))),
+    "dotdot": ("../escaped", lambda o: tar_of(file("ok", b"1"), file("../escaped", b"x"))),
+    "symlink to /etc, then through it": ("a/passwd", lambda o: tar_of(file("ok"), symlink("a", "/etc"),
+                                                                       file("a/passwd", b"root::0:0::/:/bin/sh\n"))),
+    "directory replaced by a symlink": ("d/secret", lambda o: tar_of(directory("d"), file("d/f"), symlink("d", str(o)),
+                                                                      file("d/secret", b"overwritten"))),
+    "hardlink to a host file": ("h", lambda o: tar_of(file("ok"), hardlink("h", "/etc/shadow"))),
+    "hardlink through a symlink": ("h", lambda o: tar_of(symlink("s", str(o)), hardlink("h", "s/secret"))),
+    "whiteout of dotdot": ("d/.wh...", lambda o: tar_of(directory("d"), file("d/.wh..."))),
+    "nul in a name": ("a\\x00b", lambda o: tar_of(file("ok"), file("x", pax={"path": "a\0b"}))),
     "corrupt sparse map": ("s", lambda o: gnu_sparse(b"s", 100, [(10, b"abcdef"), (12, b"x")]) + END),
 }
-BASE = tar_of(dir_("etc"), reg("etc/os-release", b"ID=base\n"), reg("bin/sh", b"#!", mode=0o755))
+BASE = tar_of(directory("etc"), file("etc/os-release", b"ID=base\n"), file("bin/sh", b"#!", mode=0o755))
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -842,7 +807,7 @@ def test_cli_refuses_compressed_hostile_and_truncated_layers(tmp_path, kind):
     hostile = HOSTILE_LAYERS["symlink to /etc, then through it"][1](None)
     evil = write(tmp_path / f"evil.{kind}", compressed(kind, hostile))
     unpack_fails(base, evil, store=tmp_path / "store", names=[f"layer 2 ({evil})", "member 'a/passwd'"])
-    blob = compressed(kind, tar_of(*(reg(f"f{index}", os.urandom(3000)) for index in range(40))))
+    blob = compressed(kind, tar_of(*(file(f"f{index}", os.urandom(3000)) for index in range(40))))
     for label, cut in (("mid", blob[:len(blob) // 2]), ("end", blob[:-2])):
         layer = write(tmp_path / f"cut-{label}.{kind}", cut)
         unpack_fails(base, layer, store=tmp_path / "store", names=[f"layer 2 ({layer})", f"truncated {kind} stream"])
@@ -899,7 +864,7 @@ def test_unpacking_layer_tars_leaves_no_lock_files_under_random_keys(tmp_path):
     store = tmp_path / "store"
     base, evil = write(tmp_path / "base.tar", BASE), write(tmp_path / "evil.tar", HOSTILE_LAYERS["dotdot"][1](None))
     unpack_fails(base, evil, store=store, names=["member '../escaped'"])
-    other = write(tmp_path / "other.tar", tar_of(reg("other", b"o")))
+    other = write(tmp_path / "other.tar", tar_of(file("other", b"o")))
     assert run_layermount("unpack", base, other, "--store", store, "-q").returncode == 0
     assert len(os.listdir(store / "layers")) == 2
     assert [name for name in os.listdir(store / "locks") if name.startswith("unknown-")] == []
@@ -912,7 +877,7 @@ def test_timing_of_20000_small_files_against_gnu_tar(tmp_path):
     layer = tmp_path / "many.tar"
     with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
         for index in range(20_000):
-            info, data = reg(f"d{index // 200:03}/f{index:05}", b"%d\n" % index)
+            info, data = file(f"d{index // 200:03}/f{index:05}", b"%d\n" % index)
             tar.addfile(info, io.BytesIO(data))
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir()

@@ -164,3 +164,28 @@ def test_a_store_of_another_user_is_refused(tmp_path):
 
     with pytest.raises(StoreError, match="owned by uid 65534"):
         LayerStore(root).ensure()
+
+
+def test_every_lock_file_is_private(tmp_path):
+    store = LayerStore(tmp_path / "store").ensure()
+    held = store.hold_layers(["sha256:" + "ab" * 32])
+    with store._lock("exclusive"), store._try_lock("tried"):
+        pass
+    os.close(held[0])
+    locks = sorted(store.locks_dir.iterdir())
+    assert [p.name for p in locks] == ["ab" * 32 + ".lock", "exclusive.lock", "tried.lock"]
+    for path in locks:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize("damage", ['{"diff_id": "sha256:x"}', '[]', '{"size": "9"', ""])
+def test_a_damaged_layer_json_is_a_store_error_naming_the_layer(tmp_path, damage):
+    from unionfs.errors import StoreError
+
+    store = LayerStore(tmp_path / "store").ensure()
+    layer_dir = store.layers_dir / ("cd" * 32)
+    (layer_dir / "diff").mkdir(parents=True)
+    (layer_dir / "layer.json").write_text(damage)
+    with pytest.raises(StoreError, match=r"layer cdcdcdcdcdcd is damaged: .*\S") as caught:
+        store.layer("sha256:" + "cd" * 32)
+    assert "\n" not in str(caught.value)

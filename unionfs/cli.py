@@ -659,7 +659,7 @@ def _store_ls(store, args: argparse.Namespace) -> int:
     used = {diff_id for image in images for diff_id in image["Layers"]}
     if args.json:
         _print_json({"images": images, "layers": [
-            {"DiffID": layer.diff_id, "Size": layer.size, "Files": layer.meta.get("entries", 0),
+            {"DiffID": layer.diff_id, "Size": layer.size, "Files": layer.meta.entries,
              "UsedBy": [image["Id"] for image in images if layer.diff_id in image["Layers"]]}
             for layer in layers.values()]})
         return 0
@@ -676,7 +676,7 @@ def _store_ls(store, args: argparse.Namespace) -> int:
         for layer in layers.values():
             users = [(image["RepoTags"] or [os.path.basename(image["Source"] or "")])[0] for image in images
                      if layer.diff_id in image["Layers"]]
-            _print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.get('entries', 0):>7}  "
+            _print(f"{layer.diff_id[:19]:<19}  {human_size(layer.size):>9}  {layer.meta.entries:>7}  "
                    f"{', '.join(users) or '(unused)'}")
     pulled = [image for image in images if image["RepoDigests"]]
     if pulled:

@@ -26,7 +26,7 @@ import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -67,22 +67,54 @@ def short_id(digest: str | None) -> str:
     return (digest or "")[len(SHA256):][:12] if digest else "????????????"
 
 
+@dataclass(frozen=True)
+class LayerMeta:
+    """What layer.json records about a layer when it is unpacked; read back with every field's type checked."""
+
+    diff_id: str
+    digest: str
+    media_type: str
+    compressed_size: int
+    tar_size: int
+    size: int
+    entries: int
+    rootless: bool         # ownership and special modes live in override xattrs, not applied
+    unpacked_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LayerMeta":
+        """Raise ValueError naming the first missing or mistyped field."""
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError("layer.json is not an object")
+        values = {}
+        for field in fields(cls):
+            value = record.get(field.name)
+            kinds = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}[field.type]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and field.type != "bool"):
+                raise ValueError(f"layer.json field {field.name!r} is missing or not a {field.type}")
+            values[field.name] = value
+        return cls(**values)
+
+
 @dataclass
 class StoredLayer:
     """A complete layer in the store."""
 
     diff_id: str
     path: Path             # the layer's files (the "diff" dir)
-    meta: dict
+    meta: LayerMeta
 
     @property
     def rootless(self) -> bool:
-        """Ownership and special modes are recorded in override xattrs, not applied."""
-        return bool(self.meta.get("rootless"))
+        return self.meta.rootless
 
     @property
     def size(self) -> int:
-        return int(self.meta.get("size", 0))
+        return self.meta.size
 
 
 ProgressFn = Callable[[str, str, int, int | None], None]
@@ -134,9 +166,13 @@ class LayerStore:
     def _lock_path(self, key: str) -> Path:
         return self.locks_dir / f"{key}.lock"
 
+    def _open_lock(self, key: str) -> int:
+        """The fd of ``key``'s lock file, created private: it carries no data, only the flock."""
+        return os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     @contextlib.contextmanager
     def _lock(self, key: str, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock(key)
         try:
             fcntl.flock(fd, mode)
             yield
@@ -145,7 +181,7 @@ class LayerStore:
 
     @contextlib.contextmanager
     def _try_lock(self, key: str) -> Iterator[bool]:
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock(key)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,7 +199,7 @@ class LayerStore:
         """
         fds = []
         for diff_id in diff_ids:
-            fd = os.open(self._lock_path(hex_of(diff_id)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open_lock(hex_of(diff_id))
             fcntl.flock(fd, fcntl.LOCK_SH)
             fds.append(fd)
         return fds
@@ -176,7 +212,7 @@ class LayerStore:
         """
         self.ensure()
         key = "mount-" + os.urandom(8).hex()
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock(key)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return tempfile.mkdtemp(prefix=key + ".", dir=self.tmp_dir), fd
 
@@ -184,7 +220,7 @@ class LayerStore:
     def layer(self, diff_id: str) -> StoredLayer | None:
         layer_dir = self.layers_dir / hex_of(diff_id)
         try:
-            meta = json.loads((layer_dir / "layer.json").read_text())
+            meta = LayerMeta.from_json((layer_dir / "layer.json").read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -238,11 +274,11 @@ class LayerStore:
             # A bad image leaves the store as it found it: drop what this run added.
             used = self._used_layers()
             for layer in results:
-                if layer.meta.get("unpacked_at", 0) >= started and layer.diff_id not in used:
+                if layer.meta.unpacked_at >= started and layer.diff_id not in used:
                     with self._try_lock(hex_of(layer.diff_id)) as locked:
                         if locked:
                             self._remove_layer(layer)
-                            (self.blobs_dir / hex_of(layer.meta["digest"])).unlink(missing_ok=True)
+                            (self.blobs_dir / hex_of(layer.meta.digest)).unlink(missing_ok=True)
             raise first_error
         self._record_image(image, results)
         return results
@@ -301,18 +337,18 @@ class LayerStore:
                 if diff_id is not None:
                     stored = self._publish(work, meta)
                 else:
-                    with self._lock(hex_of(meta["diff_id"])):
+                    with self._lock(hex_of(meta.diff_id)):
                         stored = self._publish(work, meta)
             finally:
                 self._remove(work)
                 if diff_id is None:
                     # A random key is never used again: its lock file goes (we still hold it, tmp/ is clean).
                     self._lock_path(key).unlink(missing_ok=True)
-        progress(short_id(stored.diff_id), "Pull complete", meta["compressed_size"], meta["compressed_size"])
+        progress(short_id(stored.diff_id), "Pull complete", meta.compressed_size, meta.compressed_size)
         return stored
 
     def _extract_verified(self, ref: LayerRef, work: Path, label: str, short: str,
-                          expected_diff_id: str | None, progress: ProgressFn) -> dict:
+                          expected_diff_id: str | None, progress: ProgressFn) -> LayerMeta:
         """Unpack into ``work``/diff while hashing both streams; return the layer's metadata."""
         diff_dir = work / "diff"
         diff_dir.mkdir()
@@ -346,27 +382,20 @@ class LayerStore:
             raise DigestMismatch(f"{label}: blob digest mismatch: image says {ref.digest}, content is {digest}")
         if expected_diff_id is not None and diff_id != expected_diff_id:
             raise DigestMismatch(f"{label}: diff_id mismatch: image says {expected_diff_id}, content is {diff_id}")
-        meta = {
-            "diff_id": diff_id,
-            "digest": digest,
-            "media_type": ref.media_type,
-            "compressed_size": compressed.bytes_read,
-            "tar_size": uncompressed.bytes_read,
-            "size": stats.bytes,
-            "entries": stats.entries,
-            "rootless": bool(stats.overrides),
-            "unpacked_at": time.time(),
-        }
-        (work / "layer.json").write_text(json.dumps(meta, indent=1))
+        meta = LayerMeta(diff_id=diff_id, digest=digest, media_type=ref.media_type,
+                         compressed_size=compressed.bytes_read, tar_size=uncompressed.bytes_read,
+                         size=stats.bytes, entries=stats.entries, rootless=bool(stats.overrides),
+                         unpacked_at=time.time())
+        (work / "layer.json").write_text(meta.to_json())
         return meta
 
-    def _publish(self, work: Path, meta: dict) -> StoredLayer:
+    def _publish(self, work: Path, meta: LayerMeta) -> StoredLayer:
         """Rename a verified unpack into place (caller holds the layer's lock).
 
         A layer dir exists only once complete; if another unpack of the same
         content won the race, theirs is kept and ours discarded.
         """
-        diff_id = meta["diff_id"]
+        diff_id = meta.diff_id
         final = self.layers_dir / hex_of(diff_id)
         if not final.exists():
             try:
@@ -374,7 +403,7 @@ class LayerStore:
             except OSError as exc:
                 raise StoreError(f"store {self.root}: cannot publish layer {short_id(diff_id)}: {exc.strerror}") from None
             _fsync_dir(self.layers_dir)
-        (self.blobs_dir / hex_of(meta["digest"])).write_text(diff_id + "\n")
+        (self.blobs_dir / hex_of(meta.digest)).write_text(diff_id + "\n")
         return self.layer(diff_id)
 
     def _record_image(self, image: Image, layers: list[StoredLayer]) -> None:

@@ -20,7 +20,7 @@ from unionfs.store import LayerStore
 layers = LayerStore(sys.argv[2]).unpack_image(open_layer_tars([sys.argv[1]]), jobs=1)
 with open("/proc/self/status") as status:
     peak = re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)
-print(layers[0].meta["tar_size"], peak)
+print(layers[0].meta.tar_size, peak)
 """
 
 
