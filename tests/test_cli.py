@@ -108,11 +108,10 @@ def test_man_page_is_valid_roff_and_documents_every_verb_and_option():
     for verb in verbs():
         assert f".SS {verb}" in page
     assert "\\-\\-no\\-trunc" in page and ".SH EXIT STATUS" in page
-    if shutil.which("groff"):
-        warnings = subprocess.run(["groff", "-man", "-ww", "-z"], input=page, capture_output=True, text=True)
-        assert warnings.returncode == 0 and warnings.stderr == "", warnings.stderr
-        text = subprocess.run(["groff", "-man", "-Tutf8"], input=page, capture_output=True, text=True).stdout
-        assert "layermount run" in text.replace("\u2010", "-")
+    warnings = subprocess.run(["groff", "-man", "-ww", "-z"], input=page, capture_output=True, text=True)
+    assert warnings.returncode == 0 and warnings.stderr == "", warnings.stderr
+    text = subprocess.run(["groff", "-man", "-Tutf8"], input=page, capture_output=True, text=True).stdout
+    assert "layermount run" in text.replace("\u2010", "-")
 
 
 # ---- inspect ----------------------------------------------------------------------
