@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import argparse
 import fcntl
 import json
@@ -380,3 +381,14 @@ def test_run_arguments_are_checked_before_anything_runs(tmp_path):
     assert parse_bind(f"{tmp_path}:/in:ro") == (str(tmp_path), "/in", True)
     container = container_from(opened, RunOptions(entrypoint="", command=["/bin/sh", "-c", "true"], env=["A=1", "A=2"]))
     assert container.argv == ["/bin/sh", "-c", "true"] and container.env.count("A=2") == 1 and "A=1" not in container.env
+
+
+def test_history_ages_fit_their_column():
+    """docker's ages, each short enough for history's 20-character CREATED column (none cut off)."""
+    from unionfs.cli import _since
+
+    now = datetime.datetime(2026, 12, 4, 12, 0, 0, tzinfo=datetime.timezone.utc)
+    for seconds, expected in ((0, "just now"), (1, "1 second ago"), (42, "42 seconds ago"), (60, "1 minute ago"),
+                              (7200, "2 hours ago"), (400 * 86400, "1 year ago")):
+        moment = (now - datetime.timedelta(seconds=seconds)).isoformat()
+        assert _since(moment, now) == expected and len(expected) <= 20
