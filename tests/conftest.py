@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,6 +127,19 @@ def no_mount_left_behind(tmp_path_factory):
         subprocess.run(["fusermount3", "-uz", point], capture_output=True)
     _remove_deep_trees(Path(base))
     assert not left, f"tests left layermount mounts behind: {sorted(left)}"
+
+
+def pytest_configure(config):
+    """Before pytest deletes its old temp dirs (with the recursive shutil.rmtree): remove, with fstree,
+    the half-deleted ``garbage-*`` dirs a killed or crashed earlier run left, which may hold an attack
+    test's 2,000-level tree and would end this run with RecursionError before any test ran."""
+    if config.option.basetemp:
+        return
+    root = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+    if root.is_dir() and not root.is_symlink():
+        for garbage in root.glob("garbage-*"):
+            if garbage.is_dir() and not garbage.is_symlink():
+                fstree.remove_tree(garbage)
 
 
 def _remove_deep_trees(base: Path, deep: int = 400) -> None:
