@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.errors import UsageError
+from unionfs.mount import is_mounted
 from test_rootless import as_user, user_dir, user_fuse  # noqa: F401 - fixtures
 from unionfs.mountopts import IdRange, ViewOptions, fuse_passthrough, parse, split_options
 
@@ -192,6 +193,9 @@ def open_point():
     os.chmod(path, 0o755)
     (path / "mnt").mkdir()
     yield path / "mnt"
+    # Torn down before the mounts fixture (set up first): unmount here, or the directory stays behind.
+    if is_mounted(str(path / "mnt")):
+        subprocess.run(["fusermount3", "-u", str(path / "mnt")], capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
