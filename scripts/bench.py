@@ -7,6 +7,9 @@
   scripts/bench.py mount-ready [--quick]           mount to ready (median of 20 mounts), and where it goes
   scripts/bench.py stall [--quick] [--json FILE]   chmod of a 2 GiB lower file: its time, others' longest wait
   scripts/bench.py pull [--quick] [--rate MB/S]    layermount pull vs skopeo copy to a layout + unpack of it
+  scripts/bench.py requests [--quick] [--json FILE] per-file costs on one flat dir, with a do-nothing
+                                                   pyfuse3 floor ("nullfs"); FUSE requests per operation;
+                                                   a 20,000-entry merged listdir; daemon RSS after a walk
 
 Run as root (kernel overlayfs and drop_caches need it), e.g. with .venv/bin/python.
 The layers are generated into a temp dir (--dir picks where) that is removed at
@@ -49,6 +52,10 @@ SMALL_FILE_SIZES = (0, 100, 700, 2_000, 4_096, 9_000, 30_000)
 STACK_DIRS, STACK_FILES = 100, 100                          # 10,000 paths to stat
 STACK_DEPTHS = (2, 64, 128)
 CREATE_DIRS, CREATE_FILES, CREATE_SIZE = 50, 100, 1024      # 5,000 new files
+FLAT_FILES, FLAT_SIZE = 10_000, 4_096                       # one flat directory of 4 KiB files
+MERGED_DIR_FILES = 20_000                                   # one directory spread over 2 layers
+RSS_LAYERS, RSS_DIRS, RSS_FILES = 8, 60, 98                 # 8 x 60 x 98 = 47,040 files (+ dirs)
+LONG_TIMEOUT = 86_400.0
 WHITEOUT_PREFIX, OPAQUE_MARKER, AUFS_META_PREFIX = ".wh.", ".wh..wh..opq", ".wh..wh."
 
 
@@ -253,6 +260,17 @@ class FuseOverlayfs(Mounter):
         run([self.binary, "-o", overlay_options(lowers, upper, work), point])
         self.daemons[point] = self._daemon_pid(point)
 
+    def mount_logged(self, lowers, point, log: Path):
+        """In the foreground with libfuse's request log (-d), for counting requests."""
+        with open(log, "wb") as out:
+            process = subprocess.Popen([self.binary, "-d", "-o", overlay_options(lowers, None, None), str(point)],
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        wait_mounted(point, process)
+        self.daemons[point] = process.pid
+
+    def daemon_pid(self, point):
+        return self.daemons.get(point)
+
     def unmount(self, point):
         run(["fusermount3", "-u", point])
         pid = self.daemons.pop(point, None)
@@ -283,8 +301,124 @@ class Layermount(Mounter):
     def mount(self, lowers, point, upper, work):
         run([self.binary, "-o", overlay_options(lowers, upper, work), point])
 
+    def mount_logged(self, lowers, point, log: Path):
+        run([self.binary, "-o", overlay_options(lowers, None, None) + ",debug", "--log", log, point])
+
     def unmount(self, point):
         run([self.binary, "umount", point])
+
+    @staticmethod
+    def daemon_pid(point):
+        return int(os.getxattr(point, "user.layermount.pid"))
+
+
+class NullFs(Mounter):
+    """The floor of the binding: a pyfuse3 filesystem that answers from arithmetic (``null_serve``).
+
+    It shows what the requests benchmark's layers show (``flat/`` with FLAT_FILES files of
+    FLAT_SIZE bytes, ``big/`` with the merged directory's names), so every cost above it is the
+    overlay's own.
+    """
+
+    name = "nullfs floor"
+
+    def __init__(self):
+        super().__init__(None)
+        self.daemons: dict[Path, subprocess.Popen] = {}
+
+    def mount(self, lowers, point, upper, work, log: Path | None = None):
+        out = open(log, "wb") if log else subprocess.DEVNULL
+        try:
+            process = subprocess.Popen([sys.executable, __file__, "_nullfs", str(point), "debug" if log else "-"],
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        finally:
+            if log:
+                out.close()
+        self.daemons[point] = process
+        wait_mounted(point, process)
+
+    def mount_logged(self, lowers, point, log: Path):
+        self.mount(lowers, point, None, None, log)
+
+    def unmount(self, point):
+        run(["fusermount3", "-u", point])
+        process = self.daemons.pop(point, None)
+        if process is not None:
+            process.wait(timeout=30)
+
+    def daemon_pid(self, point):
+        return self.daemons[point].pid
+
+
+def wait_mounted(point: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while not is_mounted(point):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise BenchError(f"{Path(process.args[0]).name} did not mount {point}")
+        time.sleep(0.01)
+
+
+def null_serve(point: str, debug: bool) -> None:
+    """The nullfs daemon: root (1) holds flat (2) and big (3); flat holds f00000 ... (FLAT_SIZE bytes
+    each), big the MERGED_DIR_FILES empty files e00000 ... that the merged listdir shows."""
+    import errno
+    import pyfuse3
+    import trio
+
+    data = b"n" * FLAT_SIZE
+    dirs = {1: [b"flat", b"big"], 2: [b"f%05d" % index for index in range(FLAT_FILES)],
+            3: [b"e%05d" % index for index in range(MERGED_DIR_FILES)]}
+    first_ino = {1: 2, 2: 10, 3: 10 + FLAT_FILES}
+    file_size = {2: FLAT_SIZE, 3: 0}
+
+    def attr(ino: int) -> "pyfuse3.EntryAttributes":
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = ino
+        entry.entry_timeout = entry.attr_timeout = LONG_TIMEOUT
+        if ino in dirs:
+            entry.st_mode, entry.st_nlink = stat.S_IFDIR | 0o755, 2
+        else:
+            entry.st_mode = stat.S_IFREG | 0o644
+            entry.st_size = file_size[2 if ino < first_ino[3] else 3]
+            entry.st_blocks = entry.st_size // 512
+        return entry
+
+    class NullOperations(pyfuse3.Operations):
+        async def lookup(self, parent, name, ctx=None):
+            if parent == 1 and name in dirs[1]:
+                return attr(2 + dirs[1].index(name))
+            if parent in (2, 3) and len(name) == 6 and name[:1] == dirs[parent][0][:1] and name[1:].isdigit() \
+                    and int(name[1:]) < len(dirs[parent]):
+                return attr(first_ino[parent] + int(name[1:]))
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+        async def getattr(self, inode, ctx=None):
+            return attr(inode)
+
+        async def opendir(self, inode, ctx):
+            return inode
+
+        async def readdir(self, fh, start_id, token):
+            names = dirs[fh]
+            for index in range(start_id, len(names)):
+                if not pyfuse3.readdir_reply(token, names[index], attr(first_ino[fh] + index), index + 1):
+                    return
+
+        async def open(self, inode, flags, ctx):
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+        async def read(self, fh, off, size):
+            return data[off:off + size]
+
+    options = set(pyfuse3.default_options) | {"fsname=nullfs"}
+    if debug:
+        options.add("debug")
+    pyfuse3.init(NullOperations(), point, options)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
 
 
 def find_layermount(explicit: str | None) -> Layermount:
@@ -313,13 +447,17 @@ class Session:
 
     @contextlib.contextmanager
     def mounted(self, mounter: Mounter, lowers: list[Path], upper: Path | None = None,
-                work: Path | None = None) -> Iterator[tuple[Path, float]]:
-        """Mount; yield the mountpoint and the seconds until its root listed; always unmount."""
+                work: Path | None = None, log: Path | None = None) -> Iterator[tuple[Path, float]]:
+        """Mount (read-only with libfuse's request log in ``log`` if given); yield the mountpoint
+        and the seconds until its root listed; always unmount."""
         point = self.scratch("mnt")
         try:
             started = time.perf_counter()
             try:
-                mounter.mount(lowers, point, upper, work)
+                if log is not None:
+                    mounter.mount_logged(lowers, point, log)
+                else:
+                    mounter.mount(lowers, point, upper, work)
             finally:
                 if is_mounted(point):
                     self.active[point] = mounter
@@ -476,6 +614,7 @@ class Results:
     def __init__(self, mounters: list[Mounter]):
         self.mounters = [mounter.name for mounter in mounters]
         self.rows: dict[str, Row] = {}
+        self.requests: dict[str, dict[str, str]] = {}   # per mounter: operation -> requests per file
 
     def row(self, key: str, label: str, unit: str) -> Row:
         return self.rows.setdefault(key, Row(label, unit))
@@ -524,12 +663,16 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:.0f} MiB/s"
     if unit == "x":
         return f"{value:.2f}x"
+    if unit == "us":
+        return f"{value * 1e6:.1f} µs"
+    if unit == "MB":
+        return f"{value:.0f} MB"
     return f"{value:.3f} s" if value < 100 else f"{value:.0f} s"
 
 
 def print_table(results: Results, title: str) -> None:
-    kernel, fuse, ours = results.mounters
-    table = [["", kernel, fuse, ours, f"{ours}/{fuse}", f"{ours}/kernel"]]
+    kernel, fuse, ours = results.mounters[:3]
+    table = [["", *results.mounters, f"{ours}/{fuse}", f"{ours}/kernel"]]
     footnotes: list[str] = []
     for row in results.rows.values():
         cells = [row.label]
@@ -548,7 +691,7 @@ def print_table(results: Results, title: str) -> None:
     print(f"\n{title}")
     for cells in table:
         print("".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
-    print("ratios: layermount ÷ other in the row's unit (s: above 1 is slower; MiB/s: above 1 is faster)")
+    print("ratios: layermount ÷ other in the row's unit (s, µs, MB: above 1 is worse; MiB/s: above 1 is better)")
     for number, message in enumerate(footnotes, 1):
         print(f"[{number}] {message}")
     for note in results.mismatches():
@@ -745,6 +888,195 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
     baseline = statistics.median(walls[contenders[0][0]])
     return [(name, statistics.median(walls[name]), statistics.median(walls[name]) / baseline,
              statistics.median(cpus[name])) for name, _, _ in contenders]
+
+
+def make_flat_layers(root: Path) -> None:
+    """flat/ (FLAT_FILES files of FLAT_SIZE bytes) under an empty top layer; 2 layers of
+    MERGED_DIR_FILES / 2 names in one directory; RSS_LAYERS layers over the same RSS_DIRS dirs."""
+    block = os.urandom(FLAT_SIZE)
+    for form in ("oci", "ovl"):
+        (root / form / "empty").mkdir(parents=True)
+        for index in range(FLAT_FILES):
+            write_bytes(root / form / "flat" / "flat" / f"f{index:05d}", block)
+        for layer in range(2):
+            folder = root / form / f"merged{layer}" / "big"
+            folder.mkdir(parents=True)
+            for index in range(layer, MERGED_DIR_FILES, 2):
+                (folder / f"e{index:05d}").touch()
+        for layer in range(RSS_LAYERS):
+            for directory in range(RSS_DIRS):
+                folder = root / form / f"rss{layer}" / f"d{directory:02d}"
+                folder.mkdir(parents=True)
+                for index in range(RSS_FILES):
+                    (folder / f"l{layer}f{index:03d}").touch()
+    os.sync()
+
+
+def flat_paths(point: Path) -> list[str]:
+    return [f"{point}/flat/f{index:05d}" for index in range(FLAT_FILES)]
+
+
+def lstat_all(paths: list[str]) -> int:
+    for path in paths:
+        os.lstat(path)
+    return len(paths)
+
+
+def read_all(paths: list[str]) -> int:
+    """open + read + close of each file, as an exec or an import does."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            total += len(os.read(fd, 2 * FLAT_SIZE))
+        finally:
+            os.close(fd)
+    return total
+
+
+def find_printf(point: Path) -> int:
+    output = run(["find", point / "flat", "-printf", "%s %i\n"]).stdout
+    return output.count("\n")
+
+
+REQUEST_LINE = re.compile(r"^unique: \d+, opcode: (\S+) \(\d+\)", re.MULTILINE)
+
+
+class RequestLog:
+    """libfuse's request log (``-o debug``): the requests since the last look, by opcode."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, 0
+
+    def since(self) -> dict[str, int]:
+        data = self.path.read_text(errors="replace")
+        fresh, self.seen = data[self.seen:], len(data)
+        counts: dict[str, int] = {}
+        for opcode in REQUEST_LINE.findall(fresh):
+            counts[opcode] = counts.get(opcode, 0) + 1
+        return counts
+
+
+def per_file(counts: dict[str, int], files: int) -> str:
+    total = sum(counts.values()) / files
+    parts = ", ".join(f"{opcode} {count / files:.2f}" for opcode, count in sorted(counts.items(), key=lambda kv: -kv[1])
+                      if count / files >= 0.005)
+    return f"{total:.2f}" + (f" ({parts})" if parts else "")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def bench_requests(session: Session, mounters: list[Mounter], reps: int) -> Results:
+    """Where containers spend their time: per-file costs on one flat directory, the requests they take."""
+    progress(f"making the layers: {FLAT_FILES:,} x {FLAT_SIZE} B flat, {MERGED_DIR_FILES:,}-entry merged dir, "
+             f"{RSS_LAYERS} x {RSS_DIRS * RSS_FILES:,} for RSS")
+    make_flat_layers(session.root)
+    results = Results(mounters)
+    per_op = [("lstat_cold", "lstat, cold (per file)"), ("lstat_warm", "lstat, warm (per file)"),
+              ("find_cold", "find -printf, cold (per file)"),
+              ("read_cold", "open+read+close, cold (per file)"), ("read_warm", "open+read+close, warm (per file)")]
+    for key, label in per_op:
+        results.row(key, label, "us")
+    results.row("listdir_cold", f"listdir of a {MERGED_DIR_FILES:,}-entry dir over 2 layers, cold", "s")
+    results.row("listdir_warm", f"listdir of a {MERGED_DIR_FILES:,}-entry dir over 2 layers, warm", "s")
+    results.row("rss", f"daemon RSS after a walk of {RSS_LAYERS} x {RSS_DIRS * RSS_FILES:,} entries", "MB")
+    results.row("rss_peak", "daemon peak RSS (VmHWM) after that walk", "MB")
+
+    def lowers(mounter, *names):
+        return [session.root / mounter.form / name for name in names]
+
+    def flat(mounter):
+        layers = lowers(mounter, "empty", "flat")
+        for layer in layers:
+            walk(layer)
+        with session.mounted(mounter, layers) as (point, _):
+            paths = flat_paths(point)
+            cold, seen = timed(lstat_all, paths)
+            warm, again = timed(lstat_all, paths)
+        with session.mounted(mounter, layers) as (point, _):
+            found_cold, found = timed(find_printf, point)
+        with session.mounted(mounter, layers) as (point, _):
+            paths = flat_paths(point)
+            read_cold, size = timed(read_all, paths)
+            read_warm, size_again = timed(read_all, paths)
+        return {"lstat_cold": (cold / FLAT_FILES, seen), "lstat_warm": (warm / FLAT_FILES, again),
+                "find_cold": (found_cold / FLAT_FILES, found),
+                "read_cold": (read_cold / FLAT_FILES, size), "read_warm": (read_warm / FLAT_FILES, size_again)}
+
+    def listdir(mounter):
+        """For nullfs, the same 20,000 names in one directory (the floor of a readdirplus listing)."""
+        layers = lowers(mounter, "merged1", "merged0")
+        for layer in layers:
+            walk(layer)
+        with session.mounted(mounter, layers) as (point, _):
+            cold, names = timed(os.listdir, point / "big")
+            warm, again = timed(os.listdir, point / "big")
+        return {"listdir_cold": (cold, len(names)), "listdir_warm": (warm, len(again))}
+
+    def rss(mounter):
+        if not hasattr(mounter, "daemon_pid") or isinstance(mounter, NullFs):
+            raise BenchError("no daemon" if isinstance(mounter, KernelOverlay) else "not an overlay")
+        with session.mounted(mounter, lowers(mounter, *[f"rss{layer}" for layer in reversed(range(RSS_LAYERS))])) \
+                as (point, _):
+            entries = walk(point)
+            now, peak = rss_mb(mounter.daemon_pid(point))
+        return {"rss": (now, entries), "rss_peak": (peak, entries)}
+
+    for rep in range(reps):
+        progress(f"repetition {rep + 1}/{reps}")
+        for mounter in mounters:
+            results.run_case(mounter, [key for key, _ in per_op], lambda: flat(mounter))
+            results.run_case(mounter, ["listdir_cold", "listdir_warm"], lambda: listdir(mounter))
+            results.run_case(mounter, ["rss", "rss_peak"], lambda: rss(mounter))
+    results.requests = count_requests(session, [m for m in mounters if hasattr(m, "mount_logged") and not m.problem])
+    return results
+
+
+def count_requests(session: Session, mounters: list[Mounter]) -> dict[str, dict[str, str]]:
+    """FUSE requests per file for each operation, from libfuse's request log (the same counter for all)."""
+    progress("counting requests (libfuse -d logs)")
+    counted: dict[str, dict[str, str]] = {}
+    for mounter in mounters:
+        rows = counted[mounter.name] = {}
+        layers = [session.root / mounter.form / name for name in ("empty", "flat")]
+        try:
+            log = session.scratch("log") / "requests.log"
+            with session.mounted(mounter, layers, log=log) as (point, _):
+                paths, requests = flat_paths(point), RequestLog(log)
+                requests.since()
+                lstat_all(paths)
+                rows["lstat, cold"] = per_file(requests.since(), FLAT_FILES)
+                lstat_all(paths)
+                rows["lstat, warm"] = per_file(requests.since(), FLAT_FILES)
+            log = session.scratch("log") / "requests.log"
+            with session.mounted(mounter, layers, log=log) as (point, _):
+                requests = RequestLog(log)
+                requests.since()
+                find_printf(point)
+                rows["find -printf, cold"] = per_file(requests.since(), FLAT_FILES)
+            log = session.scratch("log") / "requests.log"
+            with session.mounted(mounter, layers, log=log) as (point, _):
+                paths, requests = flat_paths(point), RequestLog(log)
+                requests.since()
+                read_all(paths)
+                rows["open+read+close, cold"] = per_file(requests.since(), FLAT_FILES)
+                read_all(paths)
+                rows["open+read+close, warm"] = per_file(requests.since(), FLAT_FILES)
+        except Exception as error:
+            rows["error"] = describe(error)
+    return counted
+
+
+def print_requests(counted: dict[str, dict[str, str]]) -> None:
+    print("\nFUSE requests per file (libfuse -d request log; by opcode)")
+    for name, rows in counted.items():
+        print(f"  {name}")
+        for operation, text in rows.items():
+            print(f"    {operation:<24} {text}")
 
 
 READY_LAYERS, READY_FILES = 3, 200
@@ -985,6 +1317,7 @@ BENCHMARKS = {
     "write": (bench_write, "writable mount (upper + work): creates, big write, copy-up, rm -rf"),
     "mount-ready": (bench_mount_ready, "mount to ready, median of 20 mounts (5 with --quick)"),
     "stall": (bench_stall, "chmod of a 2 GiB lower file while other files are read: the longest stall"),
+    "requests": (bench_requests, "per-file costs on one flat dir of 10,000 x 4 KiB, listdir, RSS, requests"),
 }
 
 
@@ -1025,6 +1358,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         command.add_argument("--dir", help="where to make the temp dir (same disk for every mounter)")
         command.add_argument("--layermount", metavar="PATH", help="the layermount binary to use")
+        command.add_argument("--baseline", metavar="PATH",
+                             help="another layermount binary (e.g. main's) as one more column, for before/after")
         if mode == "pull":
             command.add_argument("--rate", type=float, metavar="MB/S",
                                  help="fetch through a proxy passing this many MB a second (a slower network)")
@@ -1036,11 +1371,21 @@ def raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_nullfs"]:             # the nullfs daemon of `requests`, started by NullFs.mount
+        null_serve(argv[1], argv[2] == "debug")
+        return 0
+    args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench.py: run as root (kernel overlayfs and drop_caches need it)", file=sys.stderr)
         return 2
     mounters = [KernelOverlay(), FuseOverlayfs(shutil.which("fuse-overlayfs")), find_layermount(args.layermount)]
+    if args.mode == "requests":
+        mounters.append(NullFs())
+    if args.baseline and args.mode not in ("unpack", "pull"):
+        baseline = find_layermount(args.baseline)
+        baseline.name = "layermount baseline"
+        mounters.append(baseline)
     reps = 1 if args.quick else 3
     if args.mode in ("unpack", "pull"):
         return main_unpack(args, mounters[-1], reps)
@@ -1060,12 +1405,15 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(mounters, reps)
     print_table(results, f"{args.mode}: {description} ({'' if args.mode == 'mount-ready' else f'median of {reps}; '}kernel {env['kernel']}, "
                          f"{env['cpus']} CPUs, {time.perf_counter() - started:.0f} s)")
+    if results.requests:
+        print_requests(results.requests)
     if args.json:
         rows = [{"key": key, "label": row.label, "unit": row.unit,
                  "median": {name: row.median(name) for name in results.mounters},
                  "samples": row.samples, "errors": row.errors} for key, row in results.rows.items()]
         Path(args.json).write_text(json.dumps({"mode": args.mode, "environment": env, "rows": rows,
-                                               "warnings": results.mismatches()}, indent=2) + "\n")
+                                               "requests": results.requests, "warnings": results.mismatches()},
+                                              indent=2) + "\n")
     return 0
 
 

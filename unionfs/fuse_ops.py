@@ -76,12 +76,13 @@ class _Entries:
         self.views = views
         self.ownership = views.live.ownership   # one mapping for the live view and its cuts
 
-    def of_attr(self, view: MergedView, ino: int, attr: Attr, merged_dir: bool) -> pyfuse3.EntryAttributes:
+    def of_attr(self, ino: int, attr: Attr, merged_dir: bool, in_upper: bool) -> pyfuse3.EntryAttributes:
+        """``in_upper``: the upper supplies the entry (by the node, never by st_dev: the store and
+        the upper usually share one filesystem, and a lower entry must still be cached for long)."""
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = ino
-        entry.generation = 0
+        entry.st_ino = ino                 # generation 0 and st_blksize 4096 are pyfuse3's defaults
         entry.entry_timeout = LOWER_TIMEOUT
-        entry.attr_timeout = UPPER_ATTR_TIMEOUT if view.may_change(attr) else LOWER_TIMEOUT
+        entry.attr_timeout = UPPER_ATTR_TIMEOUT if in_upper else LOWER_TIMEOUT
         entry.st_mode = attr.mode
         # Like kernel overlayfs: a merged directory's link count is not knowable
         # without listing every layer, so it reports 1 (find copes with that).
@@ -89,7 +90,6 @@ class _Entries:
         entry.st_uid, entry.st_gid = self.ownership.shown(attr.uid, attr.gid)
         entry.st_rdev = attr.rdev
         entry.st_size = attr.size
-        entry.st_blksize = 4096
         entry.st_blocks = attr.blocks
         entry.st_atime_ns = attr.atime_ns
         entry.st_mtime_ns = attr.mtime_ns
@@ -99,27 +99,26 @@ class _Entries:
     def of_node(self, view: MergedView, node: Node) -> pyfuse3.EntryAttributes:
         if node.unlinked:
             attr = view.attr(node)     # deleted but still open: its size and times live on in the fd
-            entry = self.of_attr(view, node.ino, attr, False)
+            entry = self.of_attr(node.ino, attr, False, True)
             entry.st_nlink = view.link_count(node, attr)
             return entry
         if node.child.in_upper:
             attr = view.attr(node)
-            return self.of_attr(view, node.ino, attr, attr.is_dir and len(node.sources) > 1)
+            return self.of_attr(node.ino, attr, attr.is_dir and len(node.sources) > 1, True)
         return self.of_child(view, node.ino, node.child)
 
     def of_child(self, view: MergedView, ino: int, child: Child) -> pyfuse3.EntryAttributes:
-        """Lower entries never change: their reply is built once and reused (readdir replays it often)."""
-        if child.in_upper:
-            return self.of_attr(view, ino, child.attr, child.is_merged_dir)
-        if child.reply is None:
-            child.reply = self.of_attr(view, ino, child.attr, child.is_merged_dir)
-        if child.attr.nlink > 1 and not child.attr.is_dir:
-            child.reply.st_nlink = view.child_link_count(child)    # its names may go, in this view or a layer
-        return child.reply
+        """Built afresh each time: kept per entry, the replies were a third of the daemon's memory
+        after a walk, and building one costs less than the request that carries it."""
+        entry = self.of_attr(ino, child.attr, child.is_merged_dir, child.in_upper)
+        if not child.in_upper and child.attr.nlink > 1 and not child.attr.is_dir:
+            entry.st_nlink = view.child_link_count(child)    # its names may go, in this view or a layer
+        return entry
 
     def virtual(self, inode: int) -> pyfuse3.EntryAttributes:
         """/.layers itself (a directory) and its short-digest aliases (symlinks)."""
-        entry = self.of_attr(self.views.live, inode, self.views.live.root.attr, False)
+        live = self.views.live
+        entry = self.of_attr(inode, live.root.attr, False, live.writable)
         entry.st_mode, entry.st_nlink, entry.st_size = self.views.virtual_shape(inode)
         entry.st_uid = entry.st_gid = 0
         return entry

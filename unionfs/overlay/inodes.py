@@ -72,7 +72,7 @@ class InodeTable:
             return ino
         if (attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT
                 and key not in self._retired):
-            return self.tag | attr.host_ino
+            return self.tag | attr.host_ino if self.tag else attr.host_ino   # the live view shares the int
         ino = self._ino_of_host[key] = self._next_ino
         self._next_ino += 1
         return ino

@@ -90,22 +90,23 @@ class Layer:
         finally:
             os.close(fd)
 
-    def scan(self, dir_fd: int) -> tuple[DirListing, dict[bytes, os.DirEntry]]:
-        """This layer's copy of a directory, classified, and the entries it shows."""
-        entries: dict[bytes, os.DirEntry] = {}
+    def scan(self, dir_fd: int) -> DirListing:
+        """This layer's copy of a directory, classified (names only: the merge stats just the winners)."""
         listing = DirListing()
+        overlay_form, add = self.overlay_form, listing.add
         with os.scandir(dir_fd) as scan:
             for entry in scan:
-                name = os.fsencode(entry.name)
-                if self.overlay_form and _is_overlay_whiteout(entry):
-                    listing.whiteouts.add(name)
-                    continue
-                listing.add(name, entry.is_dir(follow_symlinks=False))
-                if name in listing.entries:
-                    entries[name] = entry
-        if self.overlay_form and not listing.opaque:
+                if entry.is_file(follow_symlinks=False):
+                    add(os.fsencode(entry.name), False)
+                elif entry.is_dir(follow_symlinks=False):
+                    add(os.fsencode(entry.name), True)
+                elif overlay_form and _is_overlay_whiteout(entry):
+                    listing.whiteouts.add(os.fsencode(entry.name))
+                else:
+                    add(os.fsencode(entry.name), False)
+        if overlay_form and not listing.opaque:
             listing.opaque = is_overlay_opaque(dir_fd)
-        return listing, entries
+        return listing
 
     def is_opaque_dir(self, parent_fd: int, name: bytes) -> bool:
         """Whether this layer's directory ``name`` (in ``parent_fd``) is opaque, in either of its forms:
@@ -130,7 +131,7 @@ class Layer:
         if fd is None:
             return None
         try:
-            return self.scan(fd)[0]
+            return self.scan(fd)
         finally:
             os.close(fd)
 
@@ -176,7 +177,7 @@ def regular_file(fd: int) -> int:
 
 
 def _is_overlay_whiteout(entry: os.DirEntry) -> bool:
-    """A char device 0/0; d_type rules out the common kinds without a stat."""
-    if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False) or entry.is_symlink():
+    """A char device 0/0, for an entry that d_type says is no file or directory."""
+    if entry.is_symlink():
         return False
     return is_overlay_whiteout(entry.stat(follow_symlinks=False))

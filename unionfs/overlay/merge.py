@@ -8,8 +8,9 @@ markers is layerform's business.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ..layerform import OPAQUE_MARKER_BYTES, is_marker_name, whiteout_target_bytes
+from ..layerform import OPAQUE_MARKER_BYTES, WHITEOUT_PREFIX_BYTES, whiteout_target_bytes
 
 
 @dataclass
@@ -34,17 +35,16 @@ class DirListing:
         return listing
 
     def add(self, name: bytes, is_dir: bool) -> None:
-        """One raw name of the layer's directory, OCI markers recognised."""
-        if name == OPAQUE_MARKER_BYTES:
+        """One raw name of the layer's directory, OCI markers (every ``.wh.`` name) recognised."""
+        if not name.startswith(WHITEOUT_PREFIX_BYTES):
+            self.entries[name] = is_dir
+        elif name == OPAQUE_MARKER_BYTES:
             self.opaque = True
         elif (target := whiteout_target_bytes(name)) is not None:
             self.whiteouts.add(target)
-        elif not is_marker_name(name):
-            self.entries[name] = is_dir
 
 
-@dataclass(frozen=True)
-class MergedEntry:
+class MergedEntry(NamedTuple):
     """A visible name and the listings (indexes, top first) whose copy makes it.
 
     A non-directory comes from exactly one listing. A directory merges the
@@ -82,23 +82,27 @@ def merge(listings: list[DirListing | None]) -> dict[bytes, MergedEntry]:
     used = contributing(listings)
     merged: dict[bytes, MergedEntry] = {}
     hidden: set[bytes] = set()
+    last = len(used) - 1
     for position, index in enumerate(used):
         listing = listings[index]
+        alone = (index,)
+        below = used[position:] if position < last else None
         for name, is_dir in listing.entries.items():
-            if name in merged or name in hidden:
+            if name in hidden:
                 continue
-            sources = [index]
-            if is_dir:
-                sources += _lower_dir_copies(name, listings, used[position:])
-            merged[name] = MergedEntry(name, is_dir, tuple(sources))
-        hidden |= listing.whiteouts
-        hidden |= listing.entries.keys()
+            sources = alone
+            if is_dir and below is not None:
+                sources += _lower_dir_copies(name, listings, below)
+            merged[name] = MergedEntry(name, is_dir, sources)
+        if below is not None:
+            hidden |= listing.whiteouts
+            hidden |= listing.entries.keys()
     return merged
 
 
-def _lower_dir_copies(name: bytes, listings: list[DirListing | None], used: list[int]) -> list[int]:
+def _lower_dir_copies(name: bytes, listings: list[DirListing | None], used: list[int]) -> tuple[int, ...]:
     """Same-named directories below used[0] that merge into it."""
-    found = []
+    found: list[int] = []
     for above, index in zip(used, used[1:]):
         if name in listings[above].whiteouts:
             break
@@ -108,4 +112,4 @@ def _lower_dir_copies(name: bytes, listings: list[DirListing | None], used: list
         if not kind:
             break
         found.append(index)
-    return found
+    return tuple(found)

@@ -13,6 +13,13 @@ import stat
 from ..layerform import Override
 
 UPPER = 0      # the layer index of the upper; lower layers are 1 … n, top first
+_NO_NAMES: frozenset[bytes] = frozenset()
+# Modes, small ids and devices repeat across a tree: one int object each, not one per entry.
+# Bounded by what is shared: a mode is 16 bits, ids only below SHARED_ID_LIMIT (an image may
+# give every file an id of its own), devices are the host's.
+SHARED_ID_LIMIT = 1 << 16
+SHARED_VALUES: dict[int, int] = {}
+_shared = SHARED_VALUES.setdefault
 
 
 class Attr:
@@ -22,11 +29,18 @@ class Attr:
                  "blocks", "host_dev", "host_ino")
 
     def __init__(self, st: os.stat_result, override: Override | None = None):
-        self.mode, self.uid, self.gid = st.st_mode, st.st_uid, st.st_gid
+        uid, gid = st.st_uid, st.st_gid
+        self.mode = _shared(st.st_mode, st.st_mode)
+        self.uid = _shared(uid, uid) if uid < SHARED_ID_LIMIT else uid
+        self.gid = _shared(gid, gid) if gid < SHARED_ID_LIMIT else gid
         self.size, self.nlink, self.rdev = st.st_size, st.st_nlink, st.st_rdev
-        self.atime_ns, self.mtime_ns, self.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        # An unpacked file's atime is its mtime (often its ctime too): equal times share one int.
+        mtime, atime, ctime = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
+        self.mtime_ns = mtime
+        self.atime_ns = mtime if atime == mtime else atime
+        self.ctime_ns = mtime if ctime == mtime else ctime
         self.blocks = st.st_blocks
-        self.host_dev, self.host_ino = st.st_dev, st.st_ino
+        self.host_dev, self.host_ino = _shared(st.st_dev, st.st_dev), st.st_ino
         if override is not None:
             self._apply(override)
 
@@ -47,13 +61,12 @@ class Attr:
 class Child:
     """One visible name in a merged directory: the layers behind it and its attributes."""
 
-    __slots__ = ("name", "sources", "attr", "reply")
+    __slots__ = ("name", "sources", "attr")
 
     def __init__(self, name: bytes, sources: tuple[int, ...], attr: Attr):
         self.name = name
         self.sources = sources   # layer indexes, top first; several only for a merged directory
         self.attr = attr
-        self.reply = None        # the FUSE attributes, built once while the entry lives in lower layers
 
     @property
     def in_upper(self) -> bool:
@@ -77,13 +90,14 @@ class Node:
         self.lookups = 0
         self.listing: dict[bytes, Child] | None = None
         # Names the lower layers show here; removing one of them needs a whiteout.
-        self.lower_names: set[bytes] = set()
+        # Replaced, never changed in place, so most nodes share the one empty set.
+        self.lower_names: set[bytes] | frozenset[bytes] = _NO_NAMES
         self.unlinked = False
         # An O_PATH fd of an upper file whose last name went while the kernel held it (changes).
         self.kept_fd: int | None = None
         # A hardlinked file is one node under several names; the others wait here
-        # so the node still has a path when its first name goes.
-        self.others: list[tuple[Node, Child]] = []
+        # so the node still has a path when its first name goes (a list once there are any).
+        self.others: list[tuple[Node, Child]] | tuple = ()
 
     def attach(self, parent: "Node", child: Child) -> None:
         """Record that the kernel reached this node as ``child`` in ``parent``."""
@@ -94,7 +108,7 @@ class Node:
             if other is child:
                 self.others[index] = (parent, child)
                 return
-        self.others.append((parent, child))
+        self.others = [*self.others, (parent, child)]
 
     def detach(self, child: Child) -> None:
         """One of the node's names is gone."""

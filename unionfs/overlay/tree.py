@@ -35,7 +35,6 @@ class _Copy(NamedTuple):
     layer_index: int
     fd: int
     listing: DirListing
-    entries: dict[bytes, os.DirEntry]
 
 
 class Tree:
@@ -62,7 +61,7 @@ class Tree:
                 layer = self.layers[index]
                 fd = layer.open_dir(node.relpath)
                 if fd is not None:
-                    copies.append(_Copy(index, fd, *layer.scan(fd)))
+                    copies.append(_Copy(index, fd, layer.scan(fd)))
             if node.parent is None:
                 # Kernel overlayfs (so Docker's overlay2 and containerd too) never lets a layer's
                 # root be opaque: an opaque marker there hides nothing.
@@ -82,12 +81,17 @@ class Tree:
     def _children(self, node: Node, copies: list[_Copy]) -> dict[bytes, Child]:
         listings = [copy.listing for copy in copies]
         children: dict[bytes, Child] = {}
-        for name, entry in merge(listings).items():
-            winner = copies[entry.winner]
-            layer = self.layers[winner.layer_index]
-            st = winner.entries[name].stat(follow_symlinks=False)
-            attr = Attr(st, layer.override(winner.fd, name, st))
-            children[name] = Child(name, self._down_to_opaque(copies, entry.sources, name), attr)
+        # Per copy: its fd, its layer (rootless ones keep owners in an xattr), and the one-layer
+        # sources tuple most children share (one object, not one per child).
+        sides = [(copy.fd, self.layers[copy.layer_index], (copy.layer_index,)) for copy in copies]
+        stat = os.stat
+        for name, (_, _, sources) in merge(listings).items():
+            fd, layer, alone = sides[sources[0]]
+            st = stat(name, dir_fd=fd, follow_symlinks=False)
+            attr = Attr(st, layer.override(fd, name, st)) if layer.rootless else Attr(st)
+            if len(sources) > 1:
+                alone = self._down_to_opaque(copies, sources, name)
+            children[name] = Child(name, alone, attr)
         if node.sources[0] == UPPER:
             node.lower_names = set(merge([copy.listing for copy in copies if copy.layer_index != UPPER]))
         elif self.layers[UPPER] is not None:

@@ -57,7 +57,6 @@ class MergedView:
         self._changes = Changes(self.tree, self._copyup)
         self._attributes = AttributeChanges(self.tree, self._copyup)
         self._links = LinkCounts(self.tree)
-        self._upper_dev = os.fstat(upper.root_fd).st_dev if upper is not None else None
 
     def _copied_up(self, node: Node) -> None:
         if not node.attr.is_dir:
@@ -121,10 +120,6 @@ class MergedView:
         """A listed child's st_ino, its attributes read afresh first if it lives in the upper."""
         self.tree.refresh(child, parent)
         return self.inodes.ino_for(child.attr)
-
-    def may_change(self, attr: Attr) -> bool:
-        """Whether an entry lives on the upper's filesystem, where things change."""
-        return attr.host_dev == self._upper_dev
 
     # ---- reads --------------------------------------------------------------------------
     def open_file(self, node: Node, flags: int) -> int:
