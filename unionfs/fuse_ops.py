@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 from typing import NamedTuple
@@ -130,6 +131,11 @@ class _Entries:
         return self.of_node(found, found.root)
 
 
+# After mount.py's gc.freeze only what the kernel holds is tracked: a full collection costs little
+# beside the 10,000 FORGETs that lead to it.
+FORGETS_PER_COLLECTION = 10_000
+
+
 class LayerOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -144,6 +150,7 @@ class LayerOperations(pyfuse3.Operations):
         self._files = view.files
         self._entries = _Entries(self.views)
         self._mutation = view.change_lock
+        self._forgotten = 0
 
     def close(self) -> None:
         self.views.close()
@@ -165,6 +172,14 @@ class LayerOperations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.views.forget(ino, count)
+        self._forgotten += len(inode_list)
+        if self._forgotten >= FORGETS_PER_COLLECTION:
+            self._forgotten = 0
+            # The forgotten nodes are freed at once, but pymalloc keeps their arenas while the
+            # interpreter's free lists pin a few objects in each; only a full collection empties
+            # those lists. Without it a daemon that was walked once keeps its peak memory for
+            # good (74 MB after 100,000 entries were forgotten, against 41 MB with it).
+            gc.collect()
 
     @_fuse_boundary
     async def getattr(self, inode, ctx=None):
