@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -72,20 +73,27 @@ NO_OPEN = getattr(pyfuse3, "no_open_passes_inode", False)
 
 
 class _InodeFiles:
-    """Without OPEN, reads come by inode: an fd per inode, the least recently read closed beyond LIMIT."""
-
-    LIMIT = 1024
+    """Without OPEN, reads come by inode: an fd per inode, the least recently read closed beyond
+    a quarter of the fd limit (at most 1,024), and all of them when the process runs out."""
 
     def __init__(self):
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
     def fd(self, ino: int, opener) -> int:
         fd = self._fds.get(ino)
         if fd is not None:
             self._fds.move_to_end(ino)
             return fd
-        fd = self._fds[ino] = opener()
-        if len(self._fds) > self.LIMIT:
+        try:
+            fd = opener()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._fds:
+                raise
+            self.close()
+            fd = opener()
+        self._fds[ino] = fd
+        if len(self._fds) > self.limit:
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
