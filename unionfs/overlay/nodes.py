@@ -14,7 +14,12 @@ from ..layerform import Override
 
 UPPER = 0      # the layer index of the upper; lower layers are 1 … n, top first
 _NO_NAMES: frozenset[bytes] = frozenset()
-_shared = {}.setdefault     # few distinct values (modes, ids, devices) and bounded by them
+# Modes, small ids and devices repeat across a tree: one int object each, not one per entry.
+# Bounded by what is shared: a mode is 16 bits, ids only below SHARED_ID_LIMIT (an image may
+# give every file an id of its own), devices are the host's.
+SHARED_ID_LIMIT = 1 << 16
+SHARED_VALUES: dict[int, int] = {}
+_shared = SHARED_VALUES.setdefault
 
 
 class Attr:
@@ -24,9 +29,10 @@ class Attr:
                  "blocks", "host_dev", "host_ino")
 
     def __init__(self, st: os.stat_result, override: Override | None = None):
-        # Modes, owners and devices repeat across a tree: one int object each, not one per entry.
-        self.mode, self.uid, self.gid = _shared(st.st_mode, st.st_mode), _shared(st.st_uid, st.st_uid), \
-            _shared(st.st_gid, st.st_gid)
+        uid, gid = st.st_uid, st.st_gid
+        self.mode = _shared(st.st_mode, st.st_mode)
+        self.uid = _shared(uid, uid) if uid < SHARED_ID_LIMIT else uid
+        self.gid = _shared(gid, gid) if gid < SHARED_ID_LIMIT else gid
         self.size, self.nlink, self.rdev = st.st_size, st.st_nlink, st.st_rdev
         # An unpacked file's atime is its mtime (often its ctime too): equal times share one int.
         mtime, atime, ctime = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
