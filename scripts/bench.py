@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -821,8 +822,11 @@ def bench_write(session: Session, mounters: list[Mounter], reps: int) -> Results
     return results
 
 
-def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> list[tuple[str, float, float]]:
-    """layermount unpack of a multi-layer gzip image vs GNU tar -xzf of the same layers, one after another."""
+def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> list[tuple[str, float, float, float]]:
+    """layermount unpack of a multi-layer gzip image vs GNU tar -xzf of the same layers, one after another.
+
+    Each row: wall seconds, ratio to tar, CPU seconds (user + system, all processes).
+    """
     sys.path.insert(0, str(REPO))
     from unionfs.image.writer import new_config, write_image
 
@@ -859,19 +863,29 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
     def with_layermount() -> None:
         run([layermount_binary, "unpack", image, "--store", session.root / "store-out", "-q"])
 
-    rows = []
-    for name, operation, output in (("GNU tar -xzf, layer after layer", with_tar, "tar-out"),
-                                    ("layermount unpack (verified)", with_layermount, "store-out")):
-        samples = []
-        for _ in range(reps):
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    # Rounds alternate between the two, so a load that drifts (other work on the machine, the
+    # file system's recently freed inodes) weighs on both alike.
+    contenders = (("GNU tar -xzf, layer after layer", with_tar, "tar-out"),
+                  ("layermount unpack (verified)", with_layermount, "store-out"))
+    walls: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    for rep in range(reps):
+        progress(f"repetition {rep + 1}/{reps}")
+        for name, operation, output in contenders:
             run(["sync"])
             drop_caches()
+            cpu_before = children_cpu()
             seconds, _ = timed(operation)
-            samples.append(seconds)
+            walls[name].append(seconds)
+            cpus[name].append(children_cpu() - cpu_before)
             shutil.rmtree(session.root / output)
-        rows.append((name, statistics.median(samples), 0.0))
-    baseline = rows[0][1]
-    return [(name, seconds, seconds / baseline) for name, seconds, _ in rows]
+    baseline = statistics.median(walls[contenders[0][0]])
+    return [(name, statistics.median(walls[name]), statistics.median(walls[name]) / baseline,
+             statistics.median(cpus[name])) for name, _, _ in contenders]
 
 
 def make_flat_layers(root: Path) -> None:
@@ -1263,12 +1277,12 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
         return 1
     finally:
         session.close()
-    what = ""
+    what = "(median of {reps}, alternating rounds, caches dropped before each run)".format(reps=reps)
     if args.mode == "pull":
-        what = "from a local docker-registry " + (f"through a {args.rate:g} MB/s proxy " if args.rate else "")
-    print(f"\n{args.mode}: 4-layer gzip image {what}(median of {reps}, caches dropped before each run)")
-    for name, seconds, ratio in rows:
-        print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x")
+        what = "from a local docker-registry " + (f"through a {args.rate:g} MB/s proxy " if args.rate else "") + what
+    print(f"\n{args.mode}: 4-layer gzip image {what}")
+    for name, seconds, ratio, *cpu in rows:
+        print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x" + (f"   CPU {cpu[0]:6.2f} s" if cpu else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"mode": args.mode, "rows": rows}, indent=2) + "\n")
     return 0

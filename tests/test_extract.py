@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.errors import ImageError, UnsafeArchive
-from unionfs.extract import ExtractStats, extract_layer
+from unionfs.extract import ExtractStats, _ForwardReader, extract_layer
 
 OVERRIDE = "user.containers.override_stat"
 MTIME = 1_600_000_000
@@ -516,3 +516,28 @@ def test_read_only_directory_with_children(box, rootless):
     else:
         assert stat.S_IMODE((box.dest / "ro").stat().st_mode) == 0o555
         assert stat.S_IMODE((box.dest / "ro/sub").stat().st_mode) == 0o500
+
+
+# ---- the forward reader tarfile's file mode reads through ----------------------------------------
+class Pieces(ForwardStream):
+    """A forward stream that hands out at most ``step`` bytes per read."""
+
+    def __init__(self, data: bytes, step: int):
+        super().__init__(data)
+        self._step = step
+
+    def read(self, size: int = -1) -> bytes:
+        return super().read(min(size, self._step))
+
+
+@pytest.mark.parametrize("step", [1, 511, 4096, 1 << 20])
+def test_the_forward_reader_reads_whole_tells_and_seeks_only_ahead(step):
+    data = bytes(range(256)) * 40
+    reader = _ForwardReader(Pieces(data, step))
+    assert reader.read(512) == data[:512] and reader.tell() == 512
+    assert reader.seek(3000) == 3000 and reader.read(700) == data[3000:3700]
+    reader.seek(3700)                                                   # a seek to where it is
+    with pytest.raises(tarfile.StreamError):
+        reader.seek(3699)                                               # never back: no byte is read twice
+    assert reader.read(len(data)) == data[3700:] and reader.tell() == len(data)
+    assert reader.read(512) == b""

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import example, given, settings, strategies as st
 
 from conftest import run_layermount
 from unionfs.errors import ImageError, UnsafeArchive
-from unionfs.extract import extract_layer
+from unionfs.extract import _StrictTarInfo, extract_layer
 from unionfs.image.compression import open_decompressed
 from unionfs.image.writer import new_config, write_image
 from unionfs.mount import is_mounted
@@ -477,6 +478,124 @@ def test_a_tar_cut_inside_a_member_or_a_header_is_an_image_error(site):
     refused(site, data[:512 + 300], "a", kind=ImageError, words="unexpected end of data")
     with pytest.raises(ImageError, match="corrupt tar"):
         unpack(site, data[:1536 + 100])
+
+
+# ---- the fast header parse: whatever it gets, it answers as tarfile does ---------------------------
+HEADER_SLOTS = [slot for slot in tarfile.TarInfo.__slots__ if slot != "tarfile"]
+# Bytes that make number and name fields interesting: digits at the edges of octal, the marks of
+# base-256, what int() and str.strip() treat differently, high-bit bytes for the signed checksum.
+TRICKY_BYTES = b"0178 \0\x80\xff_+-\t\x0b\x1c\x1fo/x\xc3\xa9"
+
+
+def parsed(parser, block: bytes):
+    try:
+        info = parser.frombuf(block, "utf-8", "surrogateescape")
+    except Exception as exc:      # noqa: BLE001 -- the type and words are what must agree
+        return type(exc), str(exc)
+    return {slot: getattr(info, slot, None) for slot in HEADER_SLOTS}
+
+
+def checksum_fixed(block: bytearray, signed: bool, layout: int) -> bytes:
+    """The block with a checksum that matches it, written in one of the forms writers use."""
+    block[148:156] = b" " * 8
+    total = sum(byte - 256 if signed and byte >= 128 else byte for byte in block)
+    field = ((b"%06o\0 ", b"%07o\0", b"%o\0", b"  %05o ")[layout] % total)[:8]
+    block[148:156] = field + bytes(8 - len(field))
+    return bytes(block)
+
+
+NUMBER_FIELDS = [(100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8)]   # mode ... devminor
+PATHS = st.text(alphabet="ab/\u00e9\x1c.", min_size=1, max_size=160) | st.text(min_size=1, max_size=120)
+
+
+@st.composite
+def number_fields(draw, width: int) -> bytes:
+    """Octal-ish text with the edges where parsers differ: odd whitespace, signs, '_', '0o', no NUL."""
+    blanks = st.text(alphabet=" \t\x0b\x1c\x1f", max_size=2)
+    text = draw(blanks) + draw(st.text(alphabet="01234567_+-o8", max_size=width)) + draw(blanks)
+    field = (text.encode() + draw(st.sampled_from([b"\0", b" ", b""])))[:width]
+    return field + bytes(width - len(field)) if draw(st.booleans()) else field.ljust(width, b" ")
+
+
+@st.composite
+def header_blocks(draw):
+    info = tarfile.TarInfo(draw(PATHS))
+    info.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+                                      tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE,
+                                      tarfile.GNUTYPE_SPARSE, b"Z"]))
+    info.linkname = draw(st.text(max_size=110))
+    info.size = draw(st.integers(0, 1 << 40))
+    info.mtime = draw(st.integers(0, 1 << 40))
+    info.uid, info.gid = draw(st.integers(0, 1 << 30)), draw(st.integers(0, 1 << 30))
+    info.mode = draw(st.integers(0, 0o7777))
+    info.devmajor, info.devminor = draw(st.integers(0, 4095)), draw(st.integers(0, 4095))
+    format = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    try:
+        block = bytearray(info.tobuf(format, "utf-8", "surrogateescape")[-512:])   # the member's own header
+    except ValueError:
+        block = bytearray(512)
+    for position, byte in draw(st.lists(st.tuples(st.integers(0, 511), st.sampled_from(TRICKY_BYTES)),
+                                        max_size=12)):
+        block[position] = byte
+    for start, width in draw(st.lists(st.sampled_from(NUMBER_FIELDS), max_size=1)):   # a whole field rewritten
+        block[start:start + width] = draw(number_fields(width))
+    if draw(st.booleans()):
+        prefix = draw(PATHS).encode("utf-8", "surrogateescape")[:155]
+        block[345:345 + len(prefix)] = prefix
+    if draw(st.integers(0, 9)):
+        return checksum_fixed(block, draw(st.booleans()), draw(st.integers(0, 3)))
+    return bytes(block)
+
+
+def edited_header(name: bytes = b"f", kind: bytes = b"0", **fields: bytes) -> bytes:
+    """A valid header with some fields (by offset name) replaced, checksum fixed."""
+    block = raw_header(name, kind)
+    for offset, value in fields.items():
+        start = int(offset[1:])
+        block[start:start + len(value)] = value
+    return checksum_fixed(block, False, 0)
+
+
+@settings(max_examples=800, deadline=None)
+@given(block=header_blocks())
+@example(block=edited_header(b"v7dir/", b"\0"))                       # the old form of a directory
+@example(block=edited_header(b"name", _345=b"pre/fix"))                  # a ustar prefix
+@example(block=edited_header(b"name", b"L", _345=b"pre/fix"))            # ... ignored for GNU types
+@example(block=edited_header(_124=b"18\0"))                              # not octal
+@example(block=edited_header(_124=b"\x1c17\x1c\0"))                      # str.strip() takes \x1c, int() not
+@example(block=edited_header(_124=b"+0o17_1\0"))                         # what int() also accepts
+@example(block=edited_header(_124=b"        \0"))                        # blank: 0 to tarfile
+@example(block=edited_header(_108=b"\xff" + bytes(6) + b"\1"))           # base-256, negative
+def test_the_fast_header_parse_answers_as_tarfile_does(block):
+    """A parser of its own may read a header otherwise than tarfile (and lint) do: a member
+    shown as one thing and unpacked as another. Any block, valid or damaged, must give the same
+    fields or the same error."""
+    assert parsed(_StrictTarInfo, block) == parsed(tarfile.TarInfo, block)
+
+
+@pytest.mark.parametrize("block", [b"", bytes(100), bytes(512), bytes(511) + b"\1", b"\xff" * 512])
+def test_short_empty_and_junk_header_blocks_answer_as_tarfile_does(block):
+    assert parsed(_StrictTarInfo, block) == parsed(tarfile.TarInfo, block)
+
+
+def test_a_header_with_a_signed_checksum_or_base256_numbers_unpacks_as_tarfile_reads_it(site):
+    """Old Sun tars sum header bytes as signed chars; GNU tar writes big numbers in base-256.
+    Neither is the fast parse's form, and both must still unpack (and not be taken for the end)."""
+    signed = raw_header("caf\u00e9".encode(), size=3)
+    signed[148:156] = b" " * 8
+    signed[148:156] = b"%06o\0 " % sum(byte - 256 if byte >= 128 else byte for byte in signed)
+    big_uid = raw_header(b"owned", size=2)
+    big_uid[108:116] = b"\x80" + (1234).to_bytes(7, "big")
+    unpack(site, bytes(signed) + padded(b"abc") + sealed(big_uid) + padded(b"de") + END)
+    assert (site.dest / "caf\u00e9").read_bytes() == b"abc"
+    assert (site.dest / "owned").read_bytes() == b"de"
+
+
+def test_a_huge_base256_size_is_an_image_error_naming_the_member(site):
+    first = tar_of(reg("first", b"1"), format=tarfile.USTAR_FORMAT)[:1024]
+    huge = raw_header(b"huge", b"0", b"\x80" + (1 << 62).to_bytes(11, "big"))
+    refused(site, first + sealed(huge) + END + bytes(8192), "huge", kind=ImageError,
+            words="unexpected end of data")
 
 
 def test_a_corrupt_sparse_map_is_an_image_error(site):

@@ -12,7 +12,7 @@ import pytest
 
 from unionfs.errors import UsageError
 from test_rootless import as_user, user_dir, user_fuse  # noqa: F401 - fixtures
-from unionfs.mountopts import IdRange, fuse_passthrough, parse, split_options
+from unionfs.mountopts import IdRange, ViewOptions, fuse_passthrough, parse, split_options
 
 SPLITS = [
     ("lowerdir=/a:/b,upperdir=/u,workdir=/w", ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w"]),
@@ -64,8 +64,13 @@ TABLE = [
     ("squash_to_root", "view.squash_gid", 0),
     ("squash_to_uid=1000", "view.squash_uid", 1000),
     ("squash_to_gid=1000", "view.squash_gid", 1000),
+    ("squash_to_uid=7,squash_to_root", "view.squash_uid", 7),        # squash_to_uid= wins, in any order
+    ("squash_to_uid=7,squash_to_root", "view.squash_gid", 0),
+    ("squash_to_root,squash_to_gid=8", "view.squash_gid", 8),
+    ("squash_to_uid=7", "view.squash_gid", None),
     ("xattr_permissions=2", "view.xattr_permissions", 2),
     ("xattr_permissions=0", "view.xattr_permissions", 0),
+    ("xattr_permissions=1", "view.xattr_permissions", 1),
     ("noxattrs", "view.xattrs", False),
     ("noxattrs=1", "view.xattrs", False),
     ("noxattrs=0", "view.xattrs", True),
@@ -100,25 +105,15 @@ def test_option_table(text, path, expected):
 def test_defaults_mean_the_modes_own():
     parsed = parse(["lowerdir=/l"])
     assert (parsed.suid, parsed.dev, parsed.allow_other, parsed.read_only) == (None, None, None, False)
-    assert parsed.view.set_options() == [] and parsed.unknown == [] and parsed.fuse == []
+    assert parsed.view == ViewOptions() and parsed.unknown == [] and parsed.fuse == []
 
 
 def test_what_containers_storage_passes():
     parsed = parse(["lowerdir=/s/l/A:/s/l/B,upperdir=/s/c/diff,workdir=/s/c/work,,volatile,nodev,"
                     'context="system_u:object_r:container_file_t:s0:c105,c945"'])
     assert parsed.lowerdirs == ["/s/l/A", "/s/l/B"] and parsed.upperdir == "/s/c/diff"
-    assert parsed.dev is False and parsed.view.volatile and parsed.unknown == []
-    assert parsed.view.set_options() == ["volatile"]
-
-
-@pytest.mark.parametrize("text, names", [
-    ("squash_to_root", ["squash_to_root"]),
-    ("squash_to_uid=0,squash_to_gid=0", ["squash_to_root"]),
-    ("squash_to_uid=5", ["squash_to_uid="]),
-    ("fsync=0,uidmapping=0:1:1,noxattrs", ["volatile", "uidmapping=", "noxattrs"]),
-])
-def test_view_options_are_named_as_given_for_messages(text, names):
-    assert parse([text]).view.set_options() == names
+    assert parsed.dev is False and parsed.unknown == []
+    assert parsed.view == ViewOptions(volatile=True)
 
 
 def test_several_o_arguments_and_the_last_wins():
@@ -236,15 +231,6 @@ def test_every_accepted_option_mounts_and_only_unknown_ones_are_warned_about(mou
     (point / "dir" / "new").write_text("written\n")
     assert (point / "dir" / "file").read_text() == "lower\n"
     assert (point / "dir" / "new").read_text() == "written\n"
-
-
-@pytest.mark.parametrize("option", ["uidmapping=0:100000:65536", "gidmapping=0:100000:65536", "squash_to_root",
-                                    "squash_to_uid=1000", "squash_to_gid=1000", "xattr_permissions=2",
-                                    "noxattrs"])
-def test_view_options_not_built_yet_are_refused_not_pretended(mounts, rw_spec, option):
-    result = mounts.mount("-o", f"{rw_spec},{option}", store=False, expect_ok=False)
-    assert result.returncode == 5 and "not supported yet" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not mounts.points
 
 
 @pytest.mark.parametrize("foreground", [[], ["-f"]])

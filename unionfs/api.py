@@ -99,7 +99,6 @@ def mount_image(image: Image, store: "LayerStore", options: MountOptions, progre
     Writable unless ``options.read_only``: into ``upper_dir`` (kept, reusable) or
     into a throw-away upper in the store that goes with the unmount.
     """
-    check_view_options(view_options or ViewOptions())
     stored = unpack(image, store, progress, jobs)
     held = store.hold_layers([layer.diff_id for layer in stored])
     cleanup = None
@@ -114,7 +113,8 @@ def mount_image(image: Image, store: "LayerStore", options: MountOptions, progre
             upper = prepare_upper(upper_dir, image=image, layers=stored, store=store, shared=upper_shared)
 
         def open_view() -> MergedView:
-            return MergedView(layers_from_store(stored), _open_upper(upper, OCI) if upper else None)
+            return MergedView(layers_from_store(stored), _open_upper(upper, OCI) if upper else None,
+                              options=view_options)
         return mount(open_view, options, cleanup=cleanup)
     finally:
         for fd in held:
@@ -215,7 +215,6 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
                     workdir: str | None = None, whiteout_form: str = OVERLAY,
                     view_options: ViewOptions | None = None) -> int:
     """Mount plain layer directories, top first, as kernel overlayfs' lowerdir= takes them."""
-    check_view_options(view_options or ViewOptions())
     for kind, path in [("lowerdir", p) for p in lowerdirs] + [("upperdir", upperdir), ("workdir", workdir)]:
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{kind} {path}: not a directory")
@@ -225,19 +224,8 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
 
     def open_view() -> MergedView:
         upper = _open_upper((upperdir, workdir), whiteout_form) if upperdir and not options.read_only else None
-        return MergedView([Layer.open(path) for path in lowerdirs], upper)
+        return MergedView([Layer.open(path) for path in lowerdirs], upper, options=view_options)
     return mount(open_view, options)
-
-
-def check_view_options(view: ViewOptions) -> None:
-    """Refuse what the merged view cannot do yet rather than mount as if it did.
-
-    ``volatile`` is accepted: podman and buildah always pass it, and it only allows skipping
-    fsyncs; every fsync still happening is correct, merely slower.
-    """
-    missing = [name for name in view.set_options() if name != "volatile"]
-    if missing:
-        raise MountError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not supported yet")
 
 
 # ---- provenance ---------------------------------------------------------------

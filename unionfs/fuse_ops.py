@@ -112,6 +112,7 @@ class _Entries:
 
     def __init__(self, views: ViewRouter):
         self.views = views
+        self.ownership = views.live.ownership   # one mapping for the live view and its cuts
 
     def of_attr(self, ino: int, attr: Attr, merged_dir: bool, in_upper: bool) -> pyfuse3.EntryAttributes:
         """``in_upper``: the upper supplies the entry (by the node, never by st_dev: the store and
@@ -124,8 +125,7 @@ class _Entries:
         # Like kernel overlayfs: a merged directory's link count is not knowable
         # without listing every layer, so it reports 1 (find copes with that).
         entry.st_nlink = 1 if merged_dir else attr.nlink
-        entry.st_uid = attr.uid
-        entry.st_gid = attr.gid
+        entry.st_uid, entry.st_gid = self.ownership.shown(attr.uid, attr.gid)
         entry.st_rdev = attr.rdev
         entry.st_size = attr.size
         entry.st_blocks = attr.blocks
@@ -340,19 +340,24 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def fsync(self, fh, datasync):
-        if not self.no_open:      # read-only without handles: nothing to write back
+        # volatile: the caller accepts losing data on a crash; read-only without handles: nothing to write back
+        if not self.view.options.volatile and not self.no_open:
             (os.fdatasync if datasync else os.fsync)(fh)
 
     @_fuse_boundary
     async def fsyncdir(self, fh, datasync):
-        self.view.sync()
+        if not self.view.options.volatile:
+            self.view.sync()
 
     @_change
     async def create(self, parent_inode, name, mode, flags, ctx):
         view, (parent,) = self._changing(parent_inode)
-        node, fd = view.create(parent, name, mode, flags & PASSED_FLAGS, ctx.uid, ctx.gid)
+        node, fd = view.create(parent, name, mode, flags & PASSED_FLAGS, *self._creator(ctx))
         self._files.add(fd, node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entries.of_node(view, node)
+
+    def _creator(self, ctx) -> tuple[int, int]:
+        return self._entries.ownership.creator(ctx.uid, ctx.gid)
 
     # ---- namespace changes -----------------------------------------------
     def _changing(self, *inodes: int) -> tuple[MergedView, list[Node]]:
@@ -365,17 +370,17 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def mkdir(self, parent_inode, name, mode, ctx):
         view, (parent,) = self._changing(parent_inode)
-        return self._entries.of_node(view, view.mkdir(parent, name, mode, ctx.uid, ctx.gid))
+        return self._entries.of_node(view, view.mkdir(parent, name, mode, *self._creator(ctx)))
 
     @_change
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         view, (parent,) = self._changing(parent_inode)
-        return self._entries.of_node(view, view.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid))
+        return self._entries.of_node(view, view.mknod(parent, name, mode, rdev, *self._creator(ctx)))
 
     @_change
     async def symlink(self, parent_inode, name, target, ctx):
         view, (parent,) = self._changing(parent_inode)
-        return self._entries.of_node(view, view.symlink(parent, name, target, ctx.uid, ctx.gid))
+        return self._entries.of_node(view, view.symlink(parent, name, target, *self._creator(ctx)))
 
     @_change
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -402,11 +407,12 @@ class LayerOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         view = self.views.changing(inode)
         node = view.node(inode)
+        uid, gid = self._entries.ownership.chown_target(attr.st_uid if fields.update_uid else None,
+                                                        attr.st_gid if fields.update_gid else None)
         change = AttrChange(
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=uid, gid=gid,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
         if change.empty:
@@ -427,17 +433,25 @@ class LayerOperations(pyfuse3.Operations):
 
     @_change
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattrs()
         view, (node,) = self._changing(inode)
         view.set_xattr(node, name, value)
 
     @_change
     async def removexattr(self, inode, name, ctx):
+        self._check_xattrs()
         view, (node,) = self._changing(inode)
         view.remove_xattr(node, name)
 
     # ---- extended attributes ---------------------------------------------
+    def _check_xattrs(self) -> None:
+        """noxattrs: every xattr call is "not supported", as fuse-overlayfs answers it."""
+        if not self.view.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+
     @_fuse_boundary
     async def getxattr(self, inode, name, ctx):
+        self._check_xattrs()
         if self.views.is_virtual(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
         view, node = self.views.locate(inode)
@@ -445,6 +459,7 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def listxattr(self, inode, ctx):
+        self._check_xattrs()
         if self.views.is_virtual(inode):
             return []
         view, node = self.views.locate(inode)

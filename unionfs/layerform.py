@@ -35,13 +35,16 @@ OPAQUE_XATTRS = (OVERLAY_OPAQUE_XATTR, "user.overlay.opaque")
 
 # fuse-overlayfs' and containers/storage's record of what an unprivileged unpack could not apply.
 OVERRIDE_XATTR = "user.containers.override_stat"
+# Where fuse-overlayfs keeps an upper's owners and modes with xattr_permissions=1 and =2.
+XATTR_PERMISSIONS = {1: "security.fuseoverlayfs.override_stat", 2: "user.fuseoverlayfs.override_stat"}
 # Ours, answered by the daemon on its mount: the layer an entry comes from, the stack, the pid.
 PROVENANCE_XATTR = b"user.layermount.layer"
 STACK_XATTR = b"user.layermount.stack"
 PID_XATTR = b"user.layermount.pid"
 # Never shown through the mount, never copied up or committed, never taken from an image:
 # our bookkeeping and the kernel overlay's.
-HIDDEN_XATTR_PREFIXES = (OVERRIDE_XATTR.encode(), b"trusted.overlay.", b"user.overlay.", b"user.layermount.")
+HIDDEN_XATTR_PREFIXES = (OVERRIDE_XATTR.encode(), b"trusted.overlay.", b"user.overlay.", b"user.layermount.",
+                         b"user.fuseoverlayfs.", b"security.fuseoverlayfs.")
 
 
 # ---- names -----------------------------------------------------------------
@@ -157,9 +160,21 @@ class Override:
         return cls(uid, gid, mode, device)
 
 
-def read_override(dir_fd: int, name: bytes) -> Override | None:
+def read_override(dir_fd: int, name: bytes, xattr: str = OVERRIDE_XATTR) -> Override | None:
     try:
-        value = os.getxattr(safepath.fd_path(dir_fd, name), OVERRIDE_XATTR, follow_symlinks=False)
+        value = os.getxattr(safepath.fd_path(dir_fd, name), xattr, follow_symlinks=False)
     except OSError:
         return None
     return Override.parse(value)
+
+
+def override_xattr_of(root_fd: int) -> str | None:
+    """The override xattr a layer directory uses, told by its root carrying one (fuse-overlayfs' rule:
+    containers/storage marks a layer unpacked with ``force_mask`` so)."""
+    for name in (XATTR_PERMISSIONS[1], OVERRIDE_XATTR, XATTR_PERMISSIONS[2]):
+        try:
+            os.getxattr(root_fd, name)
+            return name
+        except OSError:
+            continue
+    return None

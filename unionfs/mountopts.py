@@ -44,18 +44,8 @@ class ViewOptions:
     gid_map: tuple[IdRange, ...] = ()
     squash_uid: int | None = None              # every file shown as owned by this uid
     squash_gid: int | None = None
-    xattr_permissions: int = 0
-    xattrs: bool = True                        # noxattrs: getxattr/listxattr/setxattr refused
-
-    def set_options(self) -> list[str]:
-        """The options given, by their fuse-overlayfs names, for messages."""
-        to_root = self.squash_uid == self.squash_gid == 0
-        named = [("volatile", self.volatile), ("uidmapping=", bool(self.uid_map)),
-                 ("gidmapping=", bool(self.gid_map)), ("squash_to_root", to_root),
-                 ("squash_to_uid=", self.squash_uid is not None and not to_root),
-                 ("squash_to_gid=", self.squash_gid is not None and not to_root),
-                 ("xattr_permissions=", self.xattr_permissions != 0), ("noxattrs", not self.xattrs)]
-        return [name for name, given in named if given]
+    xattr_permissions: int = 0                 # 1, 2: the upper keeps owners and modes in an xattr
+    xattrs: bool = True                        # noxattrs: every xattr call is "not supported"
 
 
 @dataclass
@@ -160,6 +150,7 @@ def parse(groups: list[str]) -> ParsedOptions:
     """Every ``-o`` argument, in order (a later option wins over an earlier one)."""
     parsed = ParsedOptions()
     view = parsed.view
+    squash_to_root = False
     for group in groups:
         for item in split_options(group):
             key, has_value, value = item.partition("=")
@@ -189,7 +180,7 @@ def parse(groups: list[str]) -> ParsedOptions:
             elif key in ("uidmapping", "gidmapping") and has_value:
                 setattr(view, "uid_map" if key == "uidmapping" else "gid_map", parse_id_mapping(key, value))
             elif item == "squash_to_root":
-                view.squash_uid = view.squash_gid = 0
+                squash_to_root = True
             elif key == "squash_to_uid" and has_value:
                 view.squash_uid = _id_number(key, value)
             elif key == "squash_to_gid" and has_value:
@@ -204,6 +195,9 @@ def parse(groups: list[str]) -> ParsedOptions:
                 parsed.no_effect.append(item)
             else:
                 parsed.unknown.append(item)
+    if squash_to_root:   # squash_to_uid= and squash_to_gid= win over it, wherever they stand
+        view.squash_uid = 0 if view.squash_uid is None else view.squash_uid
+        view.squash_gid = 0 if view.squash_gid is None else view.squash_gid
     return parsed
 
 

@@ -36,6 +36,7 @@ from .extract import extract_layer
 from .hashing import HashingReader
 from .image.compression import open_decompressed
 from .image.model import Image, LayerRef
+from .readahead import ReadAhead
 
 SHA256 = "sha256:"
 # The store holds layers unpacked as root: setuid-root binaries and device nodes, outside any
@@ -325,8 +326,10 @@ class LayerStore:
             compressed = _ProgressReader(HashingReader(blob), lambda done: progress(short, reading, done, ref.size))
             try:
                 uncompressed = HashingReader(open_decompressed(compressed))
-                stats = extract_layer(uncompressed, diff_dir)
-                uncompressed.drain()
+                # Reading, hashing and decompressing run in a thread beside the extraction.
+                with ReadAhead(uncompressed) as tar_stream:
+                    stats = extract_layer(tar_stream, diff_dir)
+                    tar_stream.drain()
                 compressed.drain()
             except ImageError as exc:
                 _blame_wrong_blob(ref, compressed, label)

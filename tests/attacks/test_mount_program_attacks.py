@@ -130,3 +130,34 @@ def test_libfuses_reason_is_escaped_too(mounts, tmp_path):
     result = mounts.mount("-o", f"lowerdir={tmp_path / 'lower'},max_read=\x1b[2J", store=False, expect_ok=False)
     assert result.returncode == 5 and "\x1b" not in result.stderr
     assert "invalid parameter in option `max_read=\\x1b[2J'" in result.stderr
+
+
+@needs_root
+def test_a_user_cannot_make_their_file_setuid_root_through_an_override_xattr(mounts):
+    """A layer marked as one whose entries carry user.containers.override_stat (containers/storage's
+    force_mask, fuse-overlayfs' rule): a user who owns a file in it sets that xattr on their own
+    file, as anyone may for user.*, claiming 0:0:04755. As root the mount is suid: the claim would
+    make a setuid-root binary. Only entries of root (or the daemon's user) may claim an owner."""
+    open_dir = Path(tempfile.mkdtemp(prefix="layermount-claim-"))     # nobody must reach their file
+    os.chmod(open_dir, 0o755)
+    try:
+        check_claims(open_dir / "lower", mounts)
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def check_claims(lower: Path, mounts) -> None:
+    (lower / "bin").mkdir(parents=True)
+    os.setxattr(lower, "user.containers.override_stat", b"0:0:0755")
+    for name, owner in (("theirs", NOBODY), ("roots", 0)):
+        shutil.copy("/bin/true", lower / "bin" / name)
+        os.chown(lower / "bin" / name, owner, owner)
+        os.chmod(lower / "bin" / name, 0o755)
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "setfattr", "-n",
+                    "user.containers.override_stat", "-v", "0:0:0104755", lower / "bin" / "theirs"], check=True)
+    os.setxattr(lower / "bin" / "roots", "user.containers.override_stat", b"0:0:0104711")
+    point = mounts.mount_lowers([lower])
+    assert "nosuid" not in flags_of(point)
+    theirs = os.stat(point / "bin" / "theirs")
+    assert (theirs.st_uid, oct(theirs.st_mode)) == (NOBODY, oct(0o100755))
+    assert oct(os.stat(point / "bin" / "roots").st_mode) == oct(0o104711)   # root's own record stands

@@ -9,10 +9,10 @@ when read: a silent short read would unpack half a layer and call it complete.
 from __future__ import annotations
 
 import io
-import zlib
 from typing import BinaryIO
 
 import zstandard
+from isal import igzip_lib
 
 from ..errors import ImageError
 
@@ -20,9 +20,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEAD_SIZE = 4
 CHUNK = 1 << 20
-# Compressed input is fed to zlib in pieces this size: zlib hands the unread
-# rest back as a fresh bytes object, so a smaller piece means less copying.
-GZIP_INPUT_CHUNK = 1 << 18
 
 
 def detect_compression(head: bytes) -> str:
@@ -131,22 +128,24 @@ class _Decoder(io.RawIOBase):
 
 
 class _GzipReader(_Decoder):
-    """Gzip members one after another (as pigz and concatenation make), CRC-checked by zlib.
+    """Gzip members one after another (as pigz and concatenation make), CRC- and length-checked.
 
-    Zero padding after the last member is accepted, as gzip(1) does.
+    ISA-L's inflate (python-isal) decodes twice as fast as zlib and, like it,
+    releases the GIL, so decompression can run beside extraction in another
+    thread. Zero padding after the last member is accepted, as gzip(1) does.
     """
 
     def __init__(self, source: BinaryIO):
         super().__init__()
         self._source = source
-        self._input = b""
-        self._member = None       # the zlib decompressor of the member being read
+        self._input = b""         # compressed bytes not yet given to a decompressor
+        self._member = None       # the decompressor of the member being read
         self._source_done = False
 
     def _more_input(self) -> bool:
         if self._source_done:
             return False
-        data = self._source.read(GZIP_INPUT_CHUNK)
+        data = self._source.read(CHUNK)
         if not data:
             self._source_done = True
             return False
@@ -158,21 +157,23 @@ class _GzipReader(_Decoder):
             if self._member is None:
                 self._input = self._input.lstrip(b"\0")
                 if self._input:
-                    self._member = zlib.decompressobj(wbits=31)
+                    self._member = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_GZIP)
                 elif not self._more_input():
                     return b""
                 continue
-            if not self._input and not self._more_input():
-                raise ImageError("truncated gzip stream")
+            if self._member.needs_input:
+                if not self._input and not self._more_input():
+                    raise ImageError("truncated gzip stream")
+                data, self._input = self._input, b""
+            else:
+                data = b""         # output left over from the input it already holds
             try:
-                output = self._member.decompress(self._input, CHUNK)
-            except zlib.error as exc:
+                output = self._member.decompress(data, CHUNK)
+            except igzip_lib.IsalError as exc:
                 raise ImageError(f"corrupt gzip stream: {exc}") from None
             if self._member.eof:
                 self._input = self._member.unused_data
                 self._member = None
-            else:
-                self._input = self._member.unconsumed_tail
             if output:
                 return output
 

@@ -15,6 +15,7 @@ from .. import safepath
 from ..layerform import HIDDEN_XATTR_PREFIXES
 from .content import open_file
 from .copyup import CopyUp
+from .idmap import change_owner
 from .nodes import Node
 from .tree import Tree
 
@@ -73,10 +74,8 @@ class AttributeChanges:
                     os.close(fd)
         dir_fd, name = self.copyup.upper_path_of(node)
         try:
-            if change.owner is not None:
-                os.chown(name, *change.owner, dir_fd=dir_fd, follow_symlinks=False)
-            if change.mode is not None and not stat.S_ISLNK(node.attr.mode):
-                os.chmod(name, stat.S_IMODE(change.mode), dir_fd=dir_fd)
+            if change.owner is not None or change.mode is not None:
+                change_owner(dir_fd, name, change.owner, change.mode, self.copyup.upper.override_xattr)
             if change.times:
                 current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 os.utime(name, ns=change.new_times(current), dir_fd=dir_fd, follow_symlinks=False)

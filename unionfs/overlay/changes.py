@@ -15,6 +15,7 @@ import stat
 from .. import safepath
 from ..layerform import is_marker_name
 from .copyup import CopyUp
+from .idmap import record_owner
 from .nodes import UPPER, Attr, Child, Node
 from .tree import Tree
 from .upper import remove_tree_at
@@ -40,8 +41,8 @@ class Changes:
         with self._new_entry(parent, name) as fd:
             file_fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                               stat.S_IMODE(mode), dir_fd=fd)
-            os.fchown(file_fd, uid, _new_gid(parent, gid))
-            os.fchmod(file_fd, stat.S_IMODE(mode))
+            record_owner(file_fd, uid, _new_gid(parent, gid), stat.S_IFREG | stat.S_IMODE(mode),
+                         self.upper.override_xattr)
             return self._added(parent, name, fd), file_fd
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -52,9 +53,9 @@ class Changes:
             with _closing(os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=upper.work_fd)) as new_fd:
                 if name in parent.lower_names:
                     upper.make_opaque(new_fd)   # a new directory shows nothing of an old one below
-                os.fchown(new_fd, uid, _new_gid(parent, gid))
                 setgid = stat.S_ISGID if parent.attr.mode & stat.S_ISGID else 0
-                os.fchmod(new_fd, stat.S_IMODE(mode) | setgid)
+                record_owner(new_fd, uid, _new_gid(parent, gid), stat.S_IFDIR | stat.S_IMODE(mode) | setgid,
+                             upper.override_xattr)
             os.rename(temp, name, src_dir_fd=upper.work_fd, dst_dir_fd=fd)
             node = self._added(parent, name, fd)
             node.listing, node.lower_names = {}, set()

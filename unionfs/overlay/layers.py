@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safepath
-from ..layerform import is_overlay_opaque, is_overlay_whiteout
+from ..layerform import OVERRIDE_XATTR, Override, is_overlay_opaque, is_overlay_whiteout, override_xattr_of, \
+    read_override
 from .merge import DirListing
 
 
@@ -27,20 +28,35 @@ class Layer:
     root_fd: int
     rootless: bool            # owner and special modes live in the override xattr
     overlay_form: bool        # may hold overlayfs-style whiteouts (char 0/0, opaque xattr)
+    override_xattr: str = OVERRIDE_XATTR      # which xattr, when rootless
 
     @classmethod
     def open(cls, path: str | os.PathLike, name: str | None = None, *, rootless: bool | None = None,
              overlay_form: bool = True) -> "Layer":
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        xattr = OVERRIDE_XATTR
         if rootless is None:
-            # Plain directories made by an unprivileged unpack carry override
-            # xattrs; only an unprivileged daemon needs to look for them.
-            rootless = os.geteuid() != 0
-        return cls(name or os.fspath(path), os.fspath(path), fd, rootless, overlay_form)
+            # A root marked with an override xattr says every entry may carry one (fuse-overlayfs);
+            # plain directories made by an unprivileged unpack carry them too, which only an
+            # unprivileged daemon needs to look for.
+            marked = override_xattr_of(fd)
+            rootless, xattr = (True, marked) if marked else (os.geteuid() != 0, OVERRIDE_XATTR)
+        return cls(name or os.fspath(path), os.fspath(path), fd, rootless, overlay_form, xattr)
 
     def duplicate(self) -> "Layer":
         """The same layer on a new fd, for a view with a life of its own."""
-        return Layer(self.name, self.path, os.dup(self.root_fd), self.rootless, self.overlay_form)
+        return Layer(self.name, self.path, os.dup(self.root_fd), self.rootless, self.overlay_form,
+                     self.override_xattr)
+
+    def override(self, dir_fd: int, name: bytes, st: os.stat_result) -> Override | None:
+        """The owner and mode an entry really has, where this layer keeps them in an xattr.
+
+        Only an entry of this process's user (or root) may claim another owner: a user xattr is
+        anyone's to set on their own files, and would otherwise make them setuid root.
+        """
+        if not self.rootless or st.st_uid not in (0, os.geteuid()):
+            return None
+        return read_override(dir_fd, name, self.override_xattr)
 
     def close(self) -> None:
         os.close(self.root_fd)

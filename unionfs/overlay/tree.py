@@ -13,7 +13,6 @@ import os
 from typing import NamedTuple
 
 from .. import safepath
-from ..layerform import read_override
 from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing, merge
@@ -36,8 +35,8 @@ class Tree:
         self.inodes = inodes
         present = tuple(index for index, layer in enumerate(layers) if layer is not None)
         top = layers[present[0]]
-        override = read_override(top.root_fd, b".") if top.rootless else None
-        self.root = inodes.make_root(Child(b"", present, Attr(os.stat(top.root_fd), override)))
+        st = os.stat(top.root_fd)
+        self.root = inodes.make_root(Child(b"", present, Attr(st, top.override(top.root_fd, b".", st))))
 
     # ---- listings -------------------------------------------------------------
     def listing(self, node: Node) -> dict[bytes, Child]:
@@ -72,14 +71,14 @@ class Tree:
     def _children(self, node: Node, copies: list[_Copy]) -> dict[bytes, Child]:
         listings = [copy.listing for copy in copies]
         children: dict[bytes, Child] = {}
-        # Per copy: its fd, whether override xattrs are to be read, and the one-layer
+        # Per copy: its fd, its layer (rootless ones keep owners in an xattr), and the one-layer
         # sources tuple most children share (one object, not one per child).
-        sides = [(copy.fd, self.layers[copy.layer_index].rootless, (copy.layer_index,)) for copy in copies]
+        sides = [(copy.fd, self.layers[copy.layer_index], (copy.layer_index,)) for copy in copies]
         stat = os.stat
         for name, (_, _, sources) in merge(listings).items():
-            fd, rootless, alone = sides[sources[0]]
+            fd, layer, alone = sides[sources[0]]
             st = stat(name, dir_fd=fd, follow_symlinks=False)
-            attr = Attr(st, read_override(fd, name)) if rootless else Attr(st)
+            attr = Attr(st, layer.override(fd, name, st)) if layer.rootless else Attr(st)
             if len(sources) > 1:
                 alone = tuple(copies[position].layer_index for position in sources)
             children[name] = Child(name, alone, attr)
@@ -93,7 +92,8 @@ class Tree:
     def refresh(self, child: Child, parent: Node | None) -> Attr:
         """Upper entries change: their attributes are read afresh, never cached."""
         if child.in_upper:
-            upper_fd = self.layers[UPPER].root_fd
+            upper = self.layers[UPPER]
+            upper_fd = upper.root_fd
             relpath = (parent.relpath + b"/" + child.name).lstrip(b"/") if parent is not None else b""
             try:
                 if relpath:
@@ -101,13 +101,15 @@ class Tree:
                     fd = safepath.open_beneath(upper_fd, dir_path, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        override = upper.override(fd, name, st)
                     finally:
                         os.close(fd)
                 else:
                     st = os.stat(upper_fd)
+                    override = upper.override(upper_fd, b".", st)
             except FileNotFoundError:
                 return child.attr
-            child.attr = Attr(st)
+            child.attr = Attr(st, override)
         return child.attr
 
     def attr(self, node: Node) -> Attr:

@@ -16,12 +16,16 @@ import stat
 
 from .. import layerform, safepath
 from ..layerform import HIDDEN_XATTR_PREFIXES, OCI, OVERLAY, whiteout_name_bytes
+from .idmap import record_owner
 
 COPY_CHUNK = 1 << 30
 
 
 class UpperLayer:
     """An upper directory and its work directory (same filesystem, so rename is atomic)."""
+
+    fsync_copies = True     # a copy-up reaches the disk before it is published; off for volatile mounts
+    override_xattr = None   # xattr_permissions: owners and modes kept in this xattr, not on the inodes
 
     def __init__(self, upper_path: str, work_path: str, whiteout_form: str = OCI):
         self.path = upper_path
@@ -101,7 +105,7 @@ class UpperLayer:
         try:
             fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.work_fd)
             try:
-                apply_metadata(fd, served, xattrs)
+                apply_metadata(fd, served, xattrs, self.override_xattr)
             finally:
                 os.close(fd)
             os.rename(temp, name, src_dir_fd=self.work_fd, dst_dir_fd=dest_dir_fd)
@@ -143,8 +147,9 @@ class StagedCopy:
     def run(self) -> None:
         if self.with_data:
             copy_data(self.source_fd, self.out_fd, self.served.size)
-        apply_metadata(self.out_fd, self.served, self.xattrs)
-        os.fsync(self.out_fd)
+        apply_metadata(self.out_fd, self.served, self.xattrs, self.upper.override_xattr)
+        if self.upper.fsync_copies:
+            os.fsync(self.out_fd)
 
     def publish(self, dest_dir_fd: int, dest_name: bytes) -> None:
         self._close()
@@ -183,13 +188,12 @@ def copy_data(source_fd: int, dest_fd: int, size: int) -> None:
         offset += len(chunk)
 
 
-def apply_metadata(fd: int, served, xattrs: dict[str, bytes]) -> None:
+def apply_metadata(fd: int, served, xattrs: dict[str, bytes], override_xattr: str | None = None) -> None:
     """Owner, mode (after chown, which clears setuid), xattrs, then times (last: the rest touch ctime only).
 
     ``served`` is the entry's attributes as the mount shows them (nodes.Attr).
     """
-    os.fchown(fd, served.uid, served.gid)
-    os.fchmod(fd, stat.S_IMODE(served.mode))
+    record_owner(fd, served.uid, served.gid, served.mode, override_xattr)
     for key, value in xattrs.items():
         with contextlib.suppress(OSError):
             os.setxattr(fd, key, value)

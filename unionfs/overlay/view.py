@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 
-from ..layerform import PID_XATTR, PROVENANCE_XATTR, STACK_XATTR
+from ..layerform import OVERRIDE_XATTR, PID_XATTR, PROVENANCE_XATTR, STACK_XATTR, XATTR_PERMISSIONS
+from ..mountopts import ViewOptions
 from . import content
 from .attributes import AttrChange, AttributeChanges, change_open_file
 from .changes import Changes
 from .copyup import CopyUp
+from .idmap import Ownership
 from .inodes import InodeTable
 from .layers import Layer
 from .merge import DirListing
@@ -31,11 +33,19 @@ class MergedView:
     view's inodes (0: the live view, N: the ``/.layers/N`` cut).
     """
 
-    def __init__(self, lowers: list[Layer], upper: UpperLayer | None = None, *, number: int = 0):
+    def __init__(self, lowers: list[Layer], upper: UpperLayer | None = None, *, number: int = 0,
+                 options: ViewOptions | None = None):
         if not lowers:
             raise ValueError("a merged view needs at least one lower layer")
+        self.options = options or ViewOptions()
+        self.ownership = Ownership(self.options)
         self.upper = upper
-        upper_layer = Layer("upper", upper.path, upper.root_fd, False, True) if upper is not None else None
+        upper_layer = None
+        if upper is not None:
+            upper.fsync_copies = not self.options.volatile
+            upper.override_xattr = XATTR_PERMISSIONS.get(self.options.xattr_permissions)
+            upper_layer = Layer("upper", upper.path, upper.root_fd, upper.override_xattr is not None, True,
+                                upper.override_xattr or OVERRIDE_XATTR)
         self.layers: list[Layer | None] = [upper_layer] + list(lowers)
         self.inodes = InodeTable(os.fstat(lowers[-1].root_fd).st_dev, number)
         self.tree = Tree(self.layers, self.inodes)
