@@ -6,10 +6,13 @@ count is the kernel's, not what a handler thinks it answered.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
 from pathlib import Path
+
+import pytest
 
 from unionfs.fuse_ops import UPPER_ATTR_TIMEOUT
 
@@ -67,3 +70,39 @@ def test_a_copied_up_entry_is_asked_again(mounts, tmp_path):
     time.sleep(UPPER_ATTR_TIMEOUT + 0.3)
     assert os.lstat(target).st_mode & 0o777 == 0o600
     assert any(opcode == "GETATTR" and nodeid != 1 for opcode, nodeid in requests.new())
+
+
+def read(path: Path) -> bytes:
+    """open, read, close, as a program does (Python's open() adds an isatty ioctl: one more request)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+def test_warm_reads_and_listings_of_a_read_only_mount_stay_in_the_kernel(mounts, tmp_path):
+    """A read-only mount answers OPEN and OPENDIR with ENOSYS once (patches/pyfuse3-noopen.patch):
+    from then on the kernel serves a warm open+read+close and a warm listing from its caches,
+    asking the daemon nothing, and a read from the cold cache comes by inode."""
+    from unionfs.fuse_ops import NO_OPEN
+    assert NO_OPEN, "pyfuse3 without patches/pyfuse3-noopen.patch (scripts/setup builds it)"
+    lower = tmp_path / "lower"
+    (lower / "dir").mkdir(parents=True)
+    for index in range(50):
+        (lower / "dir" / f"f{index}").write_bytes(b"%d" % index * 1000)
+    log = tmp_path / "daemon.log"
+    point = mounts.mount("-o", f"lowerdir={lower},debug", "--log", log, store=False)
+    requests = RequestLog(log)
+    names = sorted(os.listdir(point / "dir"))
+    data = {name: read(point / "dir" / name) for name in names}
+    cold = [opcode for opcode, _ in requests.new()]
+    assert "READ" in cold and cold.count("OPEN") <= 1 and "RELEASE" not in cold, cold
+    assert sorted(os.listdir(point / "dir")) == names
+    assert all(read(point / "dir" / name) == content for name, content in data.items())
+    assert data["f7"] == b"7" * 1000
+    assert requests.new() == []
+    for flags in (os.O_WRONLY, os.O_RDWR | os.O_TRUNC):
+        with pytest.raises(OSError) as caught:
+            os.open(point / "dir" / "f1", flags)
+        assert caught.value.errno == errno.EROFS

@@ -14,6 +14,8 @@ import functools
 import gc
 import logging
 import os
+import resource
+from collections import OrderedDict
 from typing import NamedTuple
 
 import pyfuse3
@@ -68,6 +70,45 @@ class _DirHandle(NamedTuple):
     view: MergedView | None     # None for /.layers itself
     node: Node | None
     entries: list[Child]
+
+
+# patches/pyfuse3-noopen.patch: once open/opendir answered ENOSYS, handlers get the inode for handle 0.
+NO_OPEN = getattr(pyfuse3, "no_open_passes_inode", False)
+
+
+class _InodeFiles:
+    """Without OPEN, reads come by inode: an fd per inode, the least recently read closed beyond
+    a quarter of the fd limit (at most 1,024), and all of them when the process runs out."""
+
+    def __init__(self):
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+
+    def fd(self, ino: int, opener) -> int:
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds.move_to_end(ino)
+            return fd
+        try:
+            fd = opener()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._fds:
+                raise
+            self.close()
+            fd = opener()
+        self._fds[ino] = fd
+        if len(self._fds) > self.limit:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def forget(self, ino: int) -> None:
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
 
 class _Entries:
@@ -151,8 +192,14 @@ class LayerOperations(pyfuse3.Operations):
         self._entries = _Entries(self.views)
         self._mutation = view.change_lock
         self._forgotten = 0
+        # A read-only mount never needs a handle: OPEN/OPENDIR are answered ENOSYS, so the kernel
+        # stops sending them (and RELEASE, RELEASEDIR) and caches data and listings by itself.
+        self.no_open = NO_OPEN and not view.writable
+        self._inode_files = _InodeFiles()
+        self._listings: dict[int, list[Child]] = {}
 
     def close(self) -> None:
+        self._inode_files.close()
         self.views.close()
 
     # ---- lookups ---------------------------------------------------------
@@ -172,6 +219,9 @@ class LayerOperations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, count in inode_list:
             self.views.forget(ino, count)
+            if self.no_open and not self._held(ino):
+                self._inode_files.forget(ino)
+                self._listings.pop(ino, None)
         self._forgotten += len(inode_list)
         if self._forgotten >= FORGETS_PER_COLLECTION:
             self._forgotten = 0
@@ -180,6 +230,13 @@ class LayerOperations(pyfuse3.Operations):
             # those lists. Without it a daemon that was walked once keeps its peak memory for
             # good (74 MB after 100,000 entries were forgotten, against 41 MB with it).
             gc.collect()
+
+    def _held(self, ino: int) -> bool:
+        try:
+            self.views.locate(ino)
+        except OSError:
+            return False
+        return True
 
     @_fuse_boundary
     async def getattr(self, inode, ctx=None):
@@ -197,6 +254,8 @@ class LayerOperations(pyfuse3.Operations):
     # ---- directories -----------------------------------------------------
     @_fuse_boundary
     async def opendir(self, inode, ctx):
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.views.is_layers_dir(inode):
             handle = _DirHandle(None, None, [])
         else:
@@ -209,7 +268,7 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def readdir(self, fh, start_id, token):
-        handle = self._dir_handles[fh]
+        handle = self._by_inode_dir(fh) if self.no_open else self._dir_handles[fh]
         if handle.view is None:
             return self._readdir_layers(start_id, token)
         view, node = handle.view, handle.node
@@ -231,6 +290,16 @@ class LayerOperations(pyfuse3.Operations):
                 return
             view.remember(node, child)
 
+    def _by_inode_dir(self, inode: int) -> _DirHandle:
+        """No OPENDIR: a read-only listing never changes, so one list per directory keeps offsets stable."""
+        if self.views.is_layers_dir(inode):
+            return _DirHandle(None, None, [])
+        view, node = self.views.locate(inode)
+        entries = self._listings.get(inode)
+        if entries is None:
+            entries = self._listings[inode] = list(view.listing(node).values())
+        return _DirHandle(view, node, entries)
+
     def _readdir_layers(self, start_id: int, token) -> None:
         """/.layers lists 1 … N and the short-digest aliases; replies count as lookups of the cuts' roots."""
         index = start_id
@@ -249,6 +318,8 @@ class LayerOperations(pyfuse3.Operations):
     # ---- files -----------------------------------------------------------
     @_fuse_boundary
     async def open(self, inode, flags, ctx):
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         view, node = self.views.locate(inode)
         if node.unlinked:
             return pyfuse3.FileInfo(fh=self._files.reopen(node, flags & PASSED_FLAGS), keep_cache=True)
@@ -271,7 +342,15 @@ class LayerOperations(pyfuse3.Operations):
         # Inline, not in a worker thread: a FUSE read is at most 128 KiB and the host's
         # readahead runs ahead of it, so the hand-off to a thread would cost more than
         # the read (measured: 266 MB/s through threads, 494 MB/s inline, cold 256 MiB).
+        if self.no_open:
+            return os.pread(self._inode_files.fd(fh, lambda: self._open_by_inode(fh)), size, off)
         return os.pread(fh, size, off)
+
+    def _open_by_inode(self, inode: int) -> int:
+        view, node = self.views.locate(inode)
+        fd = view.open_file(node, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
 
     @_fuse_boundary
     async def write(self, fh, off, buf):
@@ -283,7 +362,8 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def fsync(self, fh, datasync):
-        if not self.view.options.volatile:     # volatile: the caller accepts losing data on a crash
+        # volatile: the caller accepts losing data on a crash; read-only without handles: nothing to write back
+        if not self.view.options.volatile and not self.no_open:
             (os.fdatasync if datasync else os.fsync)(fh)
 
     @_fuse_boundary
