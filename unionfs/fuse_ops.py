@@ -14,14 +14,12 @@ import functools
 import gc
 import logging
 import os
-import resource
-from collections import OrderedDict
 from typing import NamedTuple
 
 import pyfuse3
 
 from .layerform import STACK_XATTR
-from .overlay import Attr, AttrChange, Child, MergedView, Node, ViewRouter
+from .overlay import Attr, AttrChange, Child, InodeFds, MergedView, Node, ViewRouter
 
 log = logging.getLogger("layermount")
 
@@ -72,43 +70,8 @@ class _DirHandle(NamedTuple):
     entries: list[Child]
 
 
-# patches/pyfuse3-noopen.patch: once open/opendir answered ENOSYS, handlers get the inode for handle 0.
-NO_OPEN = getattr(pyfuse3, "no_open_passes_inode", False)
-
-
-class _InodeFiles:
-    """Without OPEN, reads come by inode: an fd per inode, the least recently read closed beyond
-    a quarter of the fd limit (at most 1,024), and all of them when the process runs out."""
-
-    def __init__(self):
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
-
-    def fd(self, ino: int, opener) -> int:
-        fd = self._fds.get(ino)
-        if fd is not None:
-            self._fds.move_to_end(ino)
-            return fd
-        try:
-            fd = opener()
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._fds:
-                raise
-            self.close()
-            fd = opener()
-        self._fds[ino] = fd
-        if len(self._fds) > self.limit:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
-
-    def forget(self, ino: int) -> None:
-        fd = self._fds.pop(ino, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
+# patches/pyfuse3-noopen.patch: no OPEN/OPENDIR (pyfuse3 answers them ENOSYS), inodes in place of handles.
+NO_OPEN = hasattr(pyfuse3.Operations, "enable_no_open")
 
 
 class _Entries:
@@ -181,6 +144,7 @@ class LayerOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    enable_no_open = NO_OPEN
 
     def __init__(self, view: MergedView, layers_dir: bool = True):
         super().__init__()
@@ -192,14 +156,14 @@ class LayerOperations(pyfuse3.Operations):
         self._entries = _Entries(self.views)
         self._mutation = view.change_lock
         self._forgotten = 0
-        # A read-only mount never needs a handle: OPEN/OPENDIR are answered ENOSYS, so the kernel
-        # stops sending them (and RELEASE, RELEASEDIR) and caches data and listings by itself.
-        self.no_open = NO_OPEN and not view.writable
-        self._inode_files = _InodeFiles()
+        # No handles (patches/pyfuse3-noopen.patch): the kernel sends no OPEN, OPENDIR, RELEASE or
+        # RELEASEDIR and caches data and listings by itself; files are served by inode.
+        self.no_open = NO_OPEN
+        self._inode_fds = InodeFds(self._files, self._open_by_inode)
         self._listings: dict[int, list[Child]] = {}
 
     def close(self) -> None:
-        self._inode_files.close()
+        self._inode_fds.close()
         self.views.close()
 
     # ---- lookups ---------------------------------------------------------
@@ -220,7 +184,7 @@ class LayerOperations(pyfuse3.Operations):
         for ino, count in inode_list:
             self.views.forget(ino, count)
             if self.no_open and not self._held(ino):
-                self._inode_files.forget(ino)
+                self._inode_fds.forget(ino)
                 self._listings.pop(ino, None)
         self._forgotten += len(inode_list)
         if self._forgotten >= FORGETS_PER_COLLECTION:
@@ -254,8 +218,6 @@ class LayerOperations(pyfuse3.Operations):
     # ---- directories -----------------------------------------------------
     @_fuse_boundary
     async def opendir(self, inode, ctx):
-        if self.no_open:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
         if self.views.is_layers_dir(inode):
             handle = _DirHandle(None, None, [])
         else:
@@ -268,7 +230,7 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_boundary
     async def readdir(self, fh, start_id, token):
-        handle = self._by_inode_dir(fh) if self.no_open else self._dir_handles[fh]
+        handle = self._by_inode_dir(fh, start_id) if self.no_open else self._dir_handles[fh]
         if handle.view is None:
             return self._readdir_layers(start_id, token)
         view, node = handle.view, handle.node
@@ -290,14 +252,23 @@ class LayerOperations(pyfuse3.Operations):
                 return
             view.remember(node, child)
 
-    def _by_inode_dir(self, inode: int) -> _DirHandle:
-        """No OPENDIR: a read-only listing never changes, so one list per directory keeps offsets stable."""
+    def _by_inode_dir(self, inode: int, start_id: int) -> _DirHandle:
+        """No OPENDIR, so no snapshot per reader: one list per directory, only ever appended to
+        (what is removed stays as a gap that readdir skips), so a reader's offsets stay right
+        however its reads and changes interleave. A reader starting at 0 brings it up to date."""
         if self.views.is_layers_dir(inode):
             return _DirHandle(None, None, [])
         view, node = self.views.locate(inode)
         entries = self._listings.get(inode)
         if entries is None:
             entries = self._listings[inode] = list(view.listing(node).values())
+        elif start_id == 0 and view.writable:
+            current = view.listing(node)
+            live = {id(child) for child in entries if current.get(child.name) is child}
+            if len(live) != len(current):
+                entries.extend(child for child in current.values() if id(child) not in live)
+            if len(entries) > 2 * len(current) + 64:    # mostly gaps: start afresh (rare churn)
+                entries = self._listings[inode] = list(current.values())
         return _DirHandle(view, node, entries)
 
     def _readdir_layers(self, start_id: int, token) -> None:
@@ -318,8 +289,6 @@ class LayerOperations(pyfuse3.Operations):
     # ---- files -----------------------------------------------------------
     @_fuse_boundary
     async def open(self, inode, flags, ctx):
-        if self.no_open:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
         view, node = self.views.locate(inode)
         if node.unlinked:
             return pyfuse3.FileInfo(fh=self._files.reopen(node, flags & PASSED_FLAGS), keep_cache=True)
@@ -343,28 +312,53 @@ class LayerOperations(pyfuse3.Operations):
         # readahead runs ahead of it, so the hand-off to a thread would cost more than
         # the read (measured: 266 MB/s through threads, 494 MB/s inline, cold 256 MiB).
         if self.no_open:
-            return os.pread(self._inode_files.fd(fh, lambda: self._open_by_inode(fh)), size, off)
+            fh = self._inode_fds.fd(fh, writable=False)
         return os.pread(fh, size, off)
 
-    def _open_by_inode(self, inode: int) -> int:
+    def _open_by_inode(self, inode: int, writable: bool) -> int:
+        """An fd for InodeFds; the caller has brought a file it writes to into the upper."""
         view, node = self.views.locate(inode)
-        fd = view.open_file(node, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if node.unlinked and node.in_upper:
+            return self._files.reopen(node, flags)
+        fd = view.open_file(node, flags)
+        if not writable:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._files.add(fd, node, lower=view.writable and not node.child.in_upper)
         return fd
 
     @_fuse_boundary
     async def write(self, fh, off, buf):
+        if self.no_open:
+            fh = await self._writable_fd(fh)
         return os.pwrite(fh, buf, off)
+
+    async def _writable_fd(self, inode: int) -> int:
+        """No OPEN: the first write to a lower file is what copies it up (open(O_TRUNC) arrives
+        as a truncating SETATTR, which copies up without the data)."""
+        view, node = self.views.locate(inode)
+        if not view.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not node.unlinked and not node.child.in_upper:
+            async with self._mutation:
+                await view.copy_up(node)
+        return self._inode_fds.fd(inode, writable=True)
 
     @_fuse_boundary
     async def release(self, fh):
-        self._files.release(fh)
+        if not self.no_open:      # without OPEN, only a CREATE's handle 0 is released: nothing to do
+            self._files.release(fh)
 
     @_fuse_boundary
     async def fsync(self, fh, datasync):
-        # volatile: the caller accepts losing data on a crash; read-only without handles: nothing to write back
-        if not self.view.options.volatile and not self.no_open:
-            (os.fdatasync if datasync else os.fsync)(fh)
+        if self.view.options.volatile:     # the caller accepts losing data on a crash
+            return
+        if self.no_open:
+            view, node = self.views.locate(fh)
+            if not view.writable or not (node.child.in_upper or node.unlinked):
+                return                     # a lower file has nothing to write back
+            fh = self._inode_fds.fd(fh, writable=False)
+        (os.fdatasync if datasync else os.fsync)(fh)
 
     @_fuse_boundary
     async def fsyncdir(self, fh, datasync):
@@ -374,6 +368,14 @@ class LayerOperations(pyfuse3.Operations):
     @_change
     async def create(self, parent_inode, name, mode, flags, ctx):
         view, (parent,) = self._changing(parent_inode)
+        if self.no_open:
+            # The file is served by inode like any other: the fd it was made with, read-write
+            # (an open for reading may create a file whose mode then forbids writing to it),
+            # becomes its InodeFds entry, and the kernel gets handle 0.
+            node, fd = view.create(parent, name, mode, os.O_RDWR, *self._creator(ctx))
+            self._files.add(fd, node)
+            self._inode_fds.adopt(node.ino, fd, writable=True)
+            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entries.of_node(view, node)
         node, fd = view.create(parent, name, mode, flags & PASSED_FLAGS, *self._creator(ctx))
         self._files.add(fd, node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entries.of_node(view, node)
@@ -446,6 +448,8 @@ class LayerOperations(pyfuse3.Operations):
             await view.copy_up(node, with_data=change.size is None or change.size > 0)
         if node.unlinked:
             fd = fh if fh in self._files else self._files.any_fd(node)
+            if fd is None and self.no_open:
+                fd = self._inode_fds.fd(inode, writable=change.size is not None)
             if fd is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             view.change_open_file(fd, change)

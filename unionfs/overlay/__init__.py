@@ -9,8 +9,9 @@ from .attributes import AttrChange
 from .cuts import ViewRouter
 from .layers import Layer, layers_from_store
 from .nodes import Attr, Child, Node
+from .openfiles import InodeFds
 from .upper import UpperLayer
 from .view import MergedView
 
-__all__ = ["Attr", "AttrChange", "Child", "Layer", "MergedView", "Node", "UpperLayer", "ViewRouter",
+__all__ = ["Attr", "AttrChange", "Child", "InodeFds", "Layer", "MergedView", "Node", "UpperLayer", "ViewRouter",
            "layers_from_store"]

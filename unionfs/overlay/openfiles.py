@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+from collections import OrderedDict
 from typing import Callable
 
 from .nodes import Node
@@ -62,3 +64,49 @@ class OpenFiles:
             if not fds:
                 del self._by_inode[ino]
         os.close(fd)
+
+
+class InodeFds:
+    """Without OPEN the kernel names files by inode alone: one fd per inode, read-only until a
+    write needs more, registered in OpenFiles (so a copy-up repoints it and a deleted file is
+    still found by it). The least recently used go beyond a quarter of the fd limit (at most
+    1,024), and all of them when the process runs out of fds."""
+
+    def __init__(self, files: OpenFiles, opener: Callable[[int, bool], int]):
+        self._files = files
+        self._opener = opener                     # (inode, writable) -> an fd added to ``files``
+        self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+
+    def fd(self, ino: int, *, writable: bool) -> int:
+        cached = self._fds.get(ino)
+        if cached is not None:
+            if cached[1] or not writable:
+                self._fds.move_to_end(ino)
+                return cached[0]
+            self.forget(ino)
+        try:
+            fd = self._opener(ino, writable)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._fds:
+                raise
+            self.close()
+            fd = self._opener(ino, writable)
+        self.adopt(ino, fd, writable=writable)
+        return fd
+
+    def adopt(self, ino: int, fd: int, *, writable: bool) -> None:
+        """``fd``, already in OpenFiles, is now the one this inode is served by."""
+        self.forget(ino)
+        self._fds[ino] = (fd, writable)
+        if len(self._fds) > self.limit:
+            self._files.release(self._fds.popitem(last=False)[1][0])
+
+    def forget(self, ino: int) -> None:
+        cached = self._fds.pop(ino, None)
+        if cached is not None:
+            self._files.release(cached[0])
+
+    def close(self) -> None:
+        while self._fds:
+            self._files.release(self._fds.popitem()[1][0])
