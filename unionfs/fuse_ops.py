@@ -319,6 +319,8 @@ class LayerOperations(pyfuse3.Operations):
         """An fd for InodeFds; the caller has brought a file it writes to into the upper."""
         view, node = self.views.locate(inode)
         flags = os.O_RDWR if writable else os.O_RDONLY
+        if writable and not node.in_upper:
+            raise OSError(errno.EIO, "a lower file is never opened for writing")
         if node.unlinked and node.in_upper:
             return self._files.reopen(node, flags)
         fd = view.open_file(node, flags)
@@ -339,7 +341,7 @@ class LayerOperations(pyfuse3.Operations):
         view, node = self.views.locate(inode)
         if not view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not node.unlinked and not node.child.in_upper:
+        if not node.in_upper:
             async with self._mutation:
                 await view.copy_up(node)
         return self._inode_fds.fd(inode, writable=True)
@@ -444,12 +446,13 @@ class LayerOperations(pyfuse3.Operations):
             return self._entries.of_node(view, node)
         if not view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not node.unlinked and not (fh in self._files and node.child.in_upper):
+        if not node.in_upper:      # a deleted lower file too: it gets a private copy
             await view.copy_up(node, with_data=change.size is None or change.size > 0)
         if node.unlinked:
-            fd = fh if fh in self._files else self._files.any_fd(node)
-            if fd is None and self.no_open:
+            if self.no_open:
                 fd = self._inode_fds.fd(inode, writable=change.size is not None)
+            else:
+                fd = fh if fh in self._files else self._files.any_fd(node)
             if fd is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             view.change_open_file(fd, change)

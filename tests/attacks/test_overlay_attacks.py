@@ -373,3 +373,52 @@ def test_a_hardlinked_copy_up_walks_a_layer_1200_levels_deep(mounts, tmp_path):
     with open(point / "first", "r+b") as handle:
         handle.write(b"new")
     assert (point / "second").read_bytes() == b"new"
+
+
+def _layer_file_state(path: Path) -> tuple:
+    st = os.lstat(path)
+    return path.read_bytes(), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@pytest.mark.parametrize("change", ["write", "ftruncate", "fchmod", "fchown", "futimens", "fsetxattr"])
+def test_changes_through_an_fd_of_a_deleted_lower_file_never_reach_the_layer(mounts, tmp_path, change):
+    """Attack: open a lower file, delete it (a whiteout hides it), then change it through the fd
+    still open: write, truncate, chmod, chown, utime, setxattr. The fd now names a file of a
+    shared layer that no path of the mount reaches. Kernel overlayfs copies such a file up into
+    a private (unnamed) file first. What must hold: the layer's file is untouched (data, mode,
+    owner, times, inode), and the fd sees its own change."""
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for path in (lower, upper, work):
+        path.mkdir()
+    (lower / "f").write_bytes(b"layer data")
+    os.chmod(lower / "f", 0o644)
+    os.utime(lower / "f", ns=(1_000_000_000, 1_000_000_000))
+    before = _layer_file_state(lower / "f")
+    point = mounts.mount("-o", f"lowerdir={lower},upperdir={upper},workdir={work}", store=False)
+    fd = os.open(point / "f", os.O_RDWR if change in ("write", "ftruncate") else os.O_RDONLY)
+    try:
+        os.unlink(point / "f")
+        if change == "write":
+            os.pwrite(fd, b"MINE", 0)
+            assert os.pread(fd, 100, 0) == b"MINEr data"
+        elif change == "ftruncate":
+            os.ftruncate(fd, 2)
+            assert os.fstat(fd).st_size == 2
+        elif change == "fchmod":
+            os.fchmod(fd, 0o4777)
+            assert os.fstat(fd).st_mode & 0o7777 == 0o4777
+        elif change == "fchown":
+            os.fchown(fd, NOBODY, NOBODY)
+            assert os.fstat(fd).st_uid == NOBODY
+        elif change == "futimens":
+            os.utime(fd, ns=(5_000_000_000, 5_000_000_000))
+            assert os.fstat(fd).st_mtime_ns == 5_000_000_000
+        else:       # xattrs change by path, and a deleted file has none: refused, never misplaced
+            with pytest.raises(FileNotFoundError):
+                os.setxattr(fd, "user.planted", b"x")
+    finally:
+        os.close(fd)
+    assert _layer_file_state(lower / "f") == before, "a change through a deleted file's fd reached the layer"
+    assert os.listxattr(lower / "f") == []
+    assert not (point / "f").exists()
+    assert os.listdir(work) == [], "the private copy outlived the fd"

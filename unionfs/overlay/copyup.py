@@ -141,7 +141,8 @@ class CopyUp:
             async with self._others_may_change():
                 await copying.wait()
         if node.unlinked and not node.in_upper:
-            raise OSError(errno.ENOENT, "deleted")
+            await self._copy_up_deleted(node)
+            return
         await self._copy_up_file(node, with_data, others_may_change=True)
         if node.unlinked and not node.in_upper:
             raise OSError(errno.ENOENT, "deleted while it was copied up")
@@ -171,6 +172,31 @@ class CopyUp:
         finally:
             del self._in_flight[node.ino]
             copying.set()
+
+    async def _copy_up_deleted(self, node: Node) -> None:
+        """A lower file deleted while still open changes through what holds it: like kernel
+        overlayfs, it gets a copy of its own with no name (the layer's file, shared with every
+        image built on the layer, is never written), kept until the kernel forgets the inode."""
+        if not stat.S_ISREG(node.attr.mode):
+            raise OSError(errno.ENOENT, "deleted")
+        upper = self.writable()
+        staged = self.stage(node)
+        copying = self._in_flight[node.ino] = trio.Event()
+        try:
+            with _discarded_on_failure(staged):
+                async with self._others_may_change():
+                    await trio.to_thread.run_sync(staged.run)
+                fd = os.open(staged.temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper.work_fd)
+            staged.discard()          # its name goes: the fd is all there is of the copy
+        finally:
+            del self._in_flight[node.ino]
+            copying.set()
+        old = node.attr
+        st = os.fstat(fd)
+        node.kept_fd = fd
+        node.child = Child(node.name, (UPPER,), Attr(st, self.tree.layers[UPPER].override(fd, b"", st)))
+        self.tree.inodes.keep(old, node.attr)
+        self._copied_up(node)
 
     @contextlib.asynccontextmanager
     async def _others_may_change(self):

@@ -34,16 +34,18 @@ class OpenFiles:
     def any_fd(self, node: Node) -> int | None:
         return next(iter(self._by_inode.get(node.ino, ())), None)
 
-    def reopen(self, node: Node, flags: int) -> int:
-        """A deleted file has no path (its old name may be another file now): only what is
-        still open of it, or the fd that keeps it for the kernel, can be opened again."""
-        fd = self.any_fd(node)
+    def reopen(self, node: Node, flags: int, *, keep: bool = True) -> int:
+        """A deleted file has no path (its old name may be another file now): only the fd that
+        keeps it for the kernel, or what is still open of it, can be opened again (``keep``:
+        the new fd joins them)."""
+        fd = node.kept_fd
         if fd is None:
-            fd = node.kept_fd
+            fd = self.any_fd(node)
         if fd is None:
             raise OSError(errno.ENOENT, "deleted")
         again = os.open(f"/proc/self/fd/{fd}", flags & ~os.O_TRUNC | os.O_CLOEXEC)
-        self.add(again, node)
+        if keep:
+            self.add(again, node)
         return again
 
     def follow_copy_up(self, node: Node, open_copy: Callable[[], int]) -> None:

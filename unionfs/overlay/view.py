@@ -59,7 +59,11 @@ class MergedView:
         self._links = LinkCounts(self.tree)
 
     def _copied_up(self, node: Node) -> None:
-        if not node.attr.is_dir:
+        if node.attr.is_dir:
+            return
+        if node.unlinked:     # a deleted file's copy has no name: the fd keeping it reaches it
+            self.files.follow_copy_up(node, lambda: self.files.reopen(node, os.O_RDONLY, keep=False))
+        else:
             self.files.follow_copy_up(node, lambda: self.open_file(node, os.O_RDONLY))
 
     @property
@@ -212,10 +216,12 @@ class MergedView:
         change_open_file(fd, change)
 
     def set_xattr(self, node: Node, name: bytes, value: bytes) -> None:
+        _named(node)
         self._links.names_changed()
         self._attributes.set_xattr(node, name, value)
 
     def remove_xattr(self, node: Node, name: bytes) -> None:
+        _named(node)
         self._links.names_changed()
         self._attributes.remove_xattr(node, name)
 
@@ -239,3 +245,9 @@ class MergedView:
     def layer_lstat(self, index: int, relpath: bytes) -> os.stat_result | None:
         """lstat of a path in one layer (beneath its root), or None where it has nothing."""
         return self.layers[index].lstat(relpath)
+
+
+def _named(node: Node) -> None:
+    """xattrs are changed by path: a deleted file has none (its old name may be another file now)."""
+    if node.unlinked:
+        raise OSError(errno.ENOENT, "deleted")
