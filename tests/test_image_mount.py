@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import errno
 import os
 import shutil
 import subprocess
@@ -260,6 +261,19 @@ def test_time_travel_shows_the_image_after_each_step(mounts, tmp_path, store_dir
     with pytest.raises(OSError) as caught:
         (layers / "4/new-file").write_text("x")
     assert caught.value.errno == 30   # EROFS: history is read-only
+    # Without OPEN (patches/pyfuse3-noopen.patch) the kernel cannot be told no at open(O_WRONLY):
+    # then the first write is refused; a truncating open is refused at once (its SETATTR).
+    with pytest.raises(OSError) as caught:
+        fd = os.open(layers / "4/etc/os-release", os.O_WRONLY)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+    assert caught.value.errno == errno.EROFS
+    with pytest.raises(OSError) as caught:
+        os.open(layers / "4/etc/os-release", os.O_WRONLY | os.O_TRUNC)
+    assert caught.value.errno == errno.EROFS
+    assert (layers / "4/etc/os-release").read_bytes() == b"ID=demo\n"
     (root / "etc/os-release").write_text("changed\n")
     assert (layers / "4/etc/os-release").read_bytes() == b"ID=demo\n"
 

@@ -37,6 +37,7 @@ def writable_mount(mounts, tmp_path: Path) -> tuple[Path, RequestLog]:
     lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
     (lower / "dir").mkdir(parents=True)
     (lower / "dir" / "file").write_bytes(b"lower data\n")
+    (lower / "dir" / "big").write_bytes(b"b" * 100_000)
     upper.mkdir()
     work.mkdir()
     assert os.stat(lower).st_dev == os.stat(upper).st_dev
@@ -106,3 +107,45 @@ def test_warm_reads_and_listings_of_a_read_only_mount_stay_in_the_kernel(mounts,
         with pytest.raises(OSError) as caught:
             os.open(point / "dir" / "f1", flags)
         assert caught.value.errno == errno.EROFS
+
+
+def opcodes(requests: list[tuple[str, int]]) -> list[str]:
+    return [opcode for opcode, _ in requests]
+
+
+def test_a_writable_mount_copies_up_at_the_first_write_and_asks_nothing_for_warm_reads(mounts, tmp_path):
+    """No OPEN on a writable mount either (patches/pyfuse3-noopen.patch): a warm open+read+close
+    of a lower file asks nothing; opening it for writing copies nothing until the first write
+    does, and the lower file is never written; open(O_TRUNC) comes as a SETATTR that copies up
+    without the data; a created file is served by inode like the others."""
+    from unionfs.fuse_ops import NO_OPEN
+    assert NO_OPEN, "pyfuse3 without patches/pyfuse3-noopen.patch (scripts/setup builds it)"
+    point, requests = writable_mount(mounts, tmp_path)
+    lower, upper = tmp_path / "lower" / "dir", tmp_path / "upper" / "dir"
+    assert read(point / "dir" / "file") == b"lower data\n"
+    requests.new()
+    assert read(point / "dir" / "file") == b"lower data\n"
+    assert [request for request in requests.new() if request[1] != 1] == []
+
+    fd = os.open(point / "dir" / "file", os.O_WRONLY)
+    try:
+        assert not (upper / "file").exists(), "copied up at open, before anything was written"
+        os.pwrite(fd, b"LOWER", 0)
+    finally:
+        os.close(fd)
+    assert (upper / "file").read_bytes() == b"LOWER data\n"
+    assert (lower / "file").read_bytes() == b"lower data\n"
+    assert read(point / "dir" / "file") == b"LOWER data\n"
+
+    os.close(os.open(point / "dir" / "big", os.O_WRONLY | os.O_TRUNC))
+    assert os.stat(point / "dir" / "big").st_size == 0
+    assert (upper / "big").stat().st_size == 0 and (lower / "big").stat().st_size == 100_000
+
+    fd = os.open(point / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    try:
+        os.write(fd, b"made")
+    finally:
+        os.close(fd)
+    assert read(point / "new") == b"made"
+    seen = opcodes(requests.new())
+    assert "OPEN" not in seen and "SETATTR" in seen and "CREATE" in seen and "WRITE" in seen, seen
