@@ -316,6 +316,10 @@ DELIBERATE_DIFFERENCES = {
         "filesystem; here st_ino is also the FUSE node id content is served by, and an unverified origin (an "
         "upper reused over another image, or edited) could make two files one inode (README: where layermount "
         "differs)"),
+    "copy-up at the first write": (
+        "opening a lower file for writing copies nothing until something is written (no OPEN reaches the "
+        "daemon, patches/pyfuse3-noopen.patch); kernel overlayfs copies up at open(O_WRONLY/O_RDWR), so a "
+        "program that opens read-write and only reads leaves a copy in its upper"),
 }
 
 

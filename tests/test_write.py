@@ -203,6 +203,23 @@ SCENARIOS = {
 }
 
 
+def test_opening_for_writing_copies_nothing_until_a_write(mounts, tmp_path, lowers):
+    """The deliberate difference "copy-up at the first write", seen side by side: both mounts
+    open a lower file read-write and close it unwritten; only the kernel's upper gets a copy.
+    The first write then copies it up here too, and both show the same data."""
+    pair = Pair(mounts, tmp_path, lowers)
+    with kernel_overlay(lowers, tmp_path / "kernel", upper=tmp_path / "kernel-upper", options=KERNEL_FEATURES) as kernel_root:
+        for root in (pair.ours, kernel_root):
+            os.close(os.open(root / "d/f", os.O_RDWR))
+        assert (tmp_path / "kernel-upper/d/f").exists(), DELIBERATE_DIFFERENCES["copy-up at the first write"]
+        assert not (tmp_path / "ours-upper/d/f").exists()
+        for root in (pair.ours, kernel_root):
+            with open(root / "d/f", "r+b") as handle:
+                handle.write(b"W")
+        assert (tmp_path / "ours-upper/d/f").read_bytes() == (tmp_path / "kernel-upper/d/f").read_bytes()
+        assert (pair.ours / "d/f").read_bytes() == (kernel_root / "d/f").read_bytes()
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_matches_kernel_overlayfs(mounts, tmp_path, lowers, name):
     pair = Pair(mounts, tmp_path, lowers)
