@@ -283,10 +283,10 @@ def _make_dev(root_fd: int, *, console: bool = False) -> None:
         for name in DEVICES:
             if os.path.exists(f"/dev/{name}"):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666, dir_fd=dev))
-                _mount(f"/dev/{name}", safepath.fd_path(dev, name.encode()), None, MS_BIND)
+                _bind_node(f"/dev/{name}", safepath.fd_path(dev, name.encode()))
         if console:
             os.close(os.open("console", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=dev))
-            _mount(os.ttyname(0), safepath.fd_path(dev, b"console"), None, MS_BIND)
+            _bind_node(os.ttyname(0), safepath.fd_path(dev, b"console"))
         for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2")):
             os.symlink(target, link, dir_fd=dev)
@@ -295,6 +295,14 @@ def _make_dev(root_fd: int, *, console: bool = False) -> None:
                "mode=1777,size=64m")
     finally:
         os.close(dev)
+
+
+def _bind_node(node: str, target) -> None:
+    """Bind one of the host's own device nodes, read-only: a device still opens for writing on a
+    read-only mount, but its inode takes no chmod, chown or utime (root inside would otherwise
+    change the host's /dev/null for every host process)."""
+    _mount(node, target, None, MS_BIND)
+    _mount("", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
 def _runtime_mountpoint(root_fd: int, name: str) -> int:
@@ -343,7 +351,7 @@ def _mount_proc_and_sys() -> None:
         if os.path.isdir(path):
             _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         elif os.path.exists(path):
-            _mount("/dev/null", path, None, MS_BIND)
+            _bind_node("/dev/null", path)
 
 
 def _enter_workdir(workdir: str) -> None:

@@ -24,7 +24,8 @@ from unionfs.mount import FSTYPE, mount_entries
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 pytestmark = pytest.mark.skipif(not os.path.exists(BUSYBOX) or os.geteuid() != 0,
                                 reason="needs root (namespaces) and a static busybox (Debian busybox-static)")
-APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "mknod", "head", "wc", "grep", "sleep", "test", "nc", "timeout")
+APPLETS = ("sh", "cat", "echo", "ls", "mkdir", "mknod", "head", "wc", "grep", "sleep", "test", "nc", "timeout",
+           "chmod", "chown", "touch")
 
 ESCAPE_C = r"""
 #define _GNU_SOURCE
@@ -212,6 +213,36 @@ def test_host_wide_kernel_knobs_are_read_only(tmp_path, store_dir):
     result = run_in(image, store_dir, "/bin/sh", "-c", script)
     assert result.stdout.splitlines() == ["done"], result.stdout + result.stderr
     assert Path("/proc/sys/kernel/core_pattern").read_text() == before
+
+
+HOST_NODES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full", "/dev/tty")
+
+
+def test_the_hosts_device_nodes_cannot_be_changed_from_inside(tmp_path, store_dir):
+    """Attack: /dev/null and its kin inside the container are the host's own device nodes, bound
+    in (and /dev/null also masks /proc/kcore and the other leaky files): root inside chmods,
+    chowns and touches them, which would change the host's nodes for every host process
+    (a 0600 /dev/null breaks every non-root program on the host). Must hold: each change fails,
+    the host's nodes keep mode, owner and times, and the devices still work inside."""
+    before = {path: os.stat(path) for path in HOST_NODES if os.path.exists(path)}
+    image = hostile_image(tmp_path / "img.tar")
+    targets = " ".join([*before, "/proc/kcore", "/proc/keys"])
+    script = (f"for node in {targets}; do chmod 600 $node && echo chmod $node; chown 1000:1000 $node && "
+              f"echo chown $node; touch -d 2001-01-01 $node && echo touch $node; done 2>/dev/null; "
+              "echo x > /dev/null && head -c 4 /dev/zero | wc -c")
+    try:
+        result = run_in(image, store_dir, "/bin/sh", "-c", script)
+        after = {path: os.stat(path) for path in before}
+    finally:
+        for path, st in before.items():       # a failure must not leave the host broken
+            os.chmod(path, st.st_mode & 0o7777)
+            os.chown(path, st.st_uid, st.st_gid)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = [path for path in before if (after[path].st_mode, after[path].st_uid, after[path].st_gid,
+                                           after[path].st_mtime_ns) != (before[path].st_mode, before[path].st_uid,
+                                                                        before[path].st_gid, before[path].st_mtime_ns)]
+    assert changed == [], f"the host's device nodes changed from inside: {changed}"
+    assert result.stdout.split() == ["4"], result.stdout + result.stderr
 
 
 def test_leaky_proc_files_are_masked(tmp_path, store_dir):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import stat
+from typing import Callable
 
 from .. import safepath
 from ..layerform import is_marker_name
@@ -28,9 +29,10 @@ RENAME_EXCHANGE = 2
 class Changes:
     """The namespace changes of one writable view."""
 
-    def __init__(self, tree: Tree, copyup: CopyUp):
+    def __init__(self, tree: Tree, copyup: CopyUp, free_spare_fds: Callable[[], bool]):
         self.tree = tree
         self.copyup = copyup
+        self._free_spare_fds = free_spare_fds
 
     @property
     def upper(self):
@@ -141,11 +143,16 @@ class Changes:
         node = self.tree.inodes.known(child.attr)
         if (node is not None and node.lookups > 0 and node.kept_fd is None
                 and stat.S_ISREG(child.attr.mode) and child.attr.nlink <= 1):
-            try:
-                node.kept_fd = os.open(child.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                    raise
+            for last_try in (False, True):
+                try:
+                    node.kept_fd = os.open(child.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                    break
+                except OSError as exc:
+                    # Cached fds go first: without OPEN this fd may be all that reaches the file.
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    if last_try or not self._free_spare_fds():
+                        break
 
     def _orphan(self, child: Child) -> None:
         """A name is gone: its node loses it, and a host inode gone with its last name is retired."""

@@ -140,7 +140,7 @@ class CopyUp:
         while (copying := self._in_flight.get(node.ino)) is not None:
             async with self._others_may_change():
                 await copying.wait()
-        if node.unlinked and not node.in_upper:
+        if node.unlinked and not node.in_upper and not await self._named_again(node):
             await self._copy_up_deleted(node)
             return
         await self._copy_up_file(node, with_data, others_may_change=True)
@@ -172,6 +172,22 @@ class CopyUp:
         finally:
             del self._in_flight[node.ino]
             copying.set()
+
+    async def _named_again(self, node: Node) -> bool:
+        """A hardlinked lower file whose name went may still have others the kernel never looked
+        up: then it lives on under one of them (and its copy-up links them all), not as deleted."""
+        lower = node.attr
+        if lower.nlink <= 1 or not stat.S_ISREG(lower.mode):
+            return False
+        layer = self.tree.layers[node.winner]
+        paths = await trio.to_thread.run_sync(paths_of_inode, layer, lower.host_ino)   # a walk of the layer
+        if not node.unlinked:            # looked up under another name meanwhile
+            return True
+        others = self._other_names(node, paths, lower, node.winner)
+        if not others:
+            return False
+        node.attach(*others[0])
+        return True
 
     async def _copy_up_deleted(self, node: Node) -> None:
         """A lower file deleted while still open changes through what holds it: like kernel

@@ -23,6 +23,9 @@ class OpenFiles:
     def __init__(self):
         self._inode_of: dict[int, int] = {}
         self._by_inode: dict[int, dict[int, bool]] = {}     # inode -> {fd: opened on a lower file}
+        # Caches of fds that may be let go at any time (InodeFds): what the daemon gives up
+        # first when it runs out of fds.
+        self.spare_holders: list[Callable[[], None]] = []
 
     def add(self, fd: int, node: Node, *, lower: bool = False) -> None:
         self._inode_of[fd] = node.ino
@@ -47,6 +50,13 @@ class OpenFiles:
         if keep:
             self.add(again, node)
         return again
+
+    def free_spare(self) -> bool:
+        """Out of fds: close the cached ones (they are opened again when needed). True if any went."""
+        before = len(self._inode_of)
+        for close in self.spare_holders:
+            close()
+        return len(self._inode_of) < before
 
     def follow_copy_up(self, node: Node, open_copy: Callable[[], int]) -> None:
         """The node now lives in the upper: its readers of the lower file read the copy instead."""
@@ -79,6 +89,7 @@ class InodeFds:
         self._opener = opener                     # (inode, writable) -> an fd added to ``files``
         self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()
         self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+        files.spare_holders.append(self.close)
 
     def fd(self, ino: int, *, writable: bool) -> int:
         cached = self._fds.get(ino)

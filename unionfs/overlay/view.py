@@ -54,7 +54,7 @@ class MergedView:
         self.root = self.tree.root
         self.files = OpenFiles()
         self._copyup = CopyUp(self.tree, upper, self._copied_up)
-        self._changes = Changes(self.tree, self._copyup)
+        self._changes = Changes(self.tree, self._copyup, self.files.free_spare)
         self._attributes = AttributeChanges(self.tree, self._copyup)
         self._links = LinkCounts(self.tree)
 
