@@ -392,7 +392,7 @@ def test_a_replaced_file_kept_for_the_kernel_goes_at_forget(mounts, tmp_path):
     handle = os.open(point / "d/old", os.O_PATH)
     try:
         os.rename(point / "d/new", point / "d/old")
-        assert kept() == [f"{upper}/d/old (deleted)"]
+        assert set(kept()) == {f"{upper}/d/old (deleted)"}   # by one fd or a few, all of the old file
         assert sorted(os.listdir(tmp_path / "upper/d")) == ["old"]   # nothing kept under a name
     finally:
         os.close(handle)

@@ -222,6 +222,7 @@ def test_volatile_skips_every_fsync(dirs, mounts, options, synced):
         def write_and_sync():
             with open(point / "a", "r+") as copied_up:
                 copied_up.write("changed")
+                copied_up.flush()              # the write, then its fsync (Python buffers until close)
                 os.fsync(copied_up.fileno())
             fd = os.open(point / "d", os.O_RDONLY)
             try:

@@ -656,3 +656,32 @@ def test_a_path_near_path_max_from_inside_the_mount_works(mounts, tmp_path, lowe
         ours = near_path_max_outcomes(pair.ours)
     assert kernels == [("ok", None), ("ok", None), ("ok", 123), ("ok", None), ("ok", None)]
     assert ours == kernels
+
+
+@pytest.mark.parametrize("change", ["write", "fchmod"])
+def test_a_change_through_a_deleted_name_of_a_hardlinked_lower_file_reaches_its_other_name(mounts, tmp_path, change):
+    """open hl1 (hardlinked in the lower layer with hl2, which the kernel has not looked up),
+    unlink hl1, then write or fchmod through the fd: the file still has the name hl2, so the
+    change must show there, as in kernel overlayfs, not land on a private copy."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "hl1").write_bytes(b"linked\n")
+    os.link(lower / "hl1", lower / "hl2")
+    os.chmod(lower / "hl1", 0o666)
+    pair = Pair(mounts, tmp_path, [lower])
+    with kernel_overlay([lower], tmp_path / "kernel", upper=tmp_path / "kernel-upper", options=KERNEL_FEATURES) as kernel_root:
+        seen = []
+        for root in (pair.ours, kernel_root):
+            fd = os.open(root / "hl1", os.O_RDWR if change == "write" else os.O_RDONLY)
+            try:
+                os.unlink(root / "hl1")
+                if change == "write":
+                    os.pwrite(fd, b"HL", 0)
+                else:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            st = os.stat(root / "hl2")
+            seen.append(((root / "hl2").read_bytes(), oct(st.st_mode), st.st_nlink))
+        assert seen[0] == seen[1], f"layermount {seen[0]}, kernel overlayfs {seen[1]}"
+    assert (lower / "hl2").read_bytes() == b"linked\n" and os.stat(lower / "hl2").st_mode & 0o777 == 0o666

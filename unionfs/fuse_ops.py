@@ -14,9 +14,11 @@ import functools
 import gc
 import logging
 import os
+import time
 from typing import NamedTuple
 
 import pyfuse3
+import trio
 
 from .layerform import STACK_XATTR
 from .overlay import Attr, AttrChange, Child, InodeFds, MergedView, Node, ViewRouter
@@ -70,6 +72,8 @@ class _DirHandle(NamedTuple):
     entries: list[Child]
 
 
+# Seconds without a write after which a writable fd kept by inode is closed (InodeFds).
+WRITER_IDLE = 1.0
 # patches/pyfuse3-noopen.patch: no OPEN/OPENDIR (pyfuse3 answers them ENOSYS), inodes in place of handles.
 NO_OPEN = hasattr(pyfuse3.Operations, "enable_no_open")
 
@@ -161,6 +165,7 @@ class LayerOperations(pyfuse3.Operations):
         self.no_open = NO_OPEN
         self._inode_fds = InodeFds(self._files, self._open_by_inode)
         self._listings: dict[int, list[Child]] = {}
+        self._watching_writers = False
 
     def close(self) -> None:
         self._inode_fds.close()
@@ -344,7 +349,22 @@ class LayerOperations(pyfuse3.Operations):
         if not node.in_upper:
             async with self._mutation:
                 await view.copy_up(node)
-        return self._inode_fds.fd(inode, writable=True)
+        fd = self._inode_fds.fd(inode, writable=True)
+        self._watch_writers()
+        return fd
+
+    def _watch_writers(self) -> None:
+        if not self._watching_writers:
+            self._watching_writers = True
+            trio.lowlevel.spawn_system_task(self._close_idle_writers)
+
+    async def _close_idle_writers(self) -> None:
+        try:
+            while self._inode_fds.writing:
+                await trio.sleep(WRITER_IDLE)
+                self._inode_fds.close_writers_idle_since(time.monotonic() - WRITER_IDLE)
+        finally:
+            self._watching_writers = False
 
     @_fuse_boundary
     async def release(self, fh):
@@ -377,6 +397,7 @@ class LayerOperations(pyfuse3.Operations):
             node, fd = view.create(parent, name, mode, os.O_RDWR, *self._creator(ctx))
             self._files.add(fd, node)
             self._inode_fds.adopt(node.ino, fd, writable=True)
+            self._watch_writers()
             return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entries.of_node(view, node)
         node, fd = view.create(parent, name, mode, flags & PASSED_FLAGS, *self._creator(ctx))
         self._files.add(fd, node)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import time
 from collections import OrderedDict
 from typing import Callable
 
@@ -88,6 +89,7 @@ class InodeFds:
         self._files = files
         self._opener = opener                     # (inode, writable) -> an fd added to ``files``
         self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        self._written: dict[int, float] = {}         # inode -> when its writable fd was last asked for
         self.limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
         files.spare_holders.append(self.close)
 
@@ -96,6 +98,8 @@ class InodeFds:
         if cached is not None:
             if cached[1] or not writable:
                 self._fds.move_to_end(ino)
+                if writable:
+                    self._written[ino] = time.monotonic()
                 return cached[0]
             self.forget(ino)
         try:
@@ -112,14 +116,29 @@ class InodeFds:
         """``fd``, already in OpenFiles, is now the one this inode is served by."""
         self.forget(ino)
         self._fds[ino] = (fd, writable)
+        if writable:
+            self._written[ino] = time.monotonic()
         if len(self._fds) > self.limit:
             self._files.release(self._fds.popitem(last=False)[1][0])
 
     def forget(self, ino: int) -> None:
+        self._written.pop(ino, None)
         cached = self._fds.pop(ino, None)
         if cached is not None:
             self._files.release(cached[0])
 
+    @property
+    def writing(self) -> bool:
+        return bool(self._written)
+
+    def close_writers_idle_since(self, moment: float) -> None:
+        """Without RELEASE nothing says a writer is done: an fd open for writing is let go once no
+        write asked for it for a while, or it would keep the upper's filesystem from being
+        remounted read-only (EBUSY) for as long as the kernel keeps the inode."""
+        for ino in [ino for ino, last in self._written.items() if last < moment]:
+            self.forget(ino)
+
     def close(self) -> None:
+        self._written.clear()
         while self._fds:
             self._files.release(self._fds.popitem()[1][0])
