@@ -344,6 +344,11 @@ def fill(point: Path, name: str) -> int:
     return 0
 
 
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def append(path: Path, data: bytes) -> None:
     """open, write, close, unbuffered: a copy-up fails at open (OPEN) or at the first write (no OPEN)."""
     with open(path, "ab", buffering=0) as handle:
@@ -386,6 +391,9 @@ def test_full_upper_fails_with_enospc_keeps_what_was_written_and_recovers(tmpfs,
 
     os.unlink(point / "filler")
     os.unlink(point / "more")
+    # A deleted file's blocks go when the kernel forgets its inode: the FORGET is queued as the
+    # unlink returns, but served beside the next requests, not necessarily before them.
+    assert wait_until(lambda: free_bytes(small) > 6 << 20), "the deleted files' space never came back"
     with open(point / "big", "ab") as handle:   # a 5 MB copy-up fits again
         handle.write(b"+tail")
     with open(point / "small", "ab") as handle:

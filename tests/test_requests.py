@@ -56,9 +56,12 @@ def test_warm_lstat_of_a_lower_entry_stays_in_the_kernel(mounts, tmp_path):
     ino = os.lstat(target).st_ino
     cold = requests.new()
     assert any(opcode == "LOOKUP" for opcode, _ in cold), cold
-    time.sleep(UPPER_ATTR_TIMEOUT + 0.3)
-    assert os.lstat(target).st_ino == ino
-    warm = [(opcode, nodeid) for opcode, nodeid in requests.new() if nodeid != 1]
+    for _ in range(3):      # memory reclaim elsewhere on the machine may make the kernel forget it
+        time.sleep(UPPER_ATTR_TIMEOUT + 0.3)
+        assert os.lstat(target).st_ino == ino
+        warm = [(opcode, nodeid) for opcode, nodeid in requests.new() if nodeid != 1]
+        if not any("FORGET" in opcode for opcode, _ in warm):
+            break
     assert warm == [], f"a warm lstat of a lower file reached the daemon: {warm}"
 
 
@@ -70,7 +73,8 @@ def test_a_copied_up_entry_is_asked_again(mounts, tmp_path):
     requests.new()
     time.sleep(UPPER_ATTR_TIMEOUT + 0.3)
     assert os.lstat(target).st_mode & 0o777 == 0o600
-    assert any(opcode == "GETATTR" and nodeid != 1 for opcode, nodeid in requests.new())
+    # GETATTR, or LOOKUP if memory reclaim made the kernel forget the inode meanwhile
+    assert any(opcode in ("GETATTR", "LOOKUP") and nodeid != 1 for opcode, nodeid in requests.new())
 
 
 def read(path: Path) -> bytes:
