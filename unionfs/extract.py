@@ -262,6 +262,19 @@ class _ForwardReader:
         self._take(size - len(parts[0]), parts)
         return b"".join(parts)
 
+    def read_some(self, size: int) -> memoryview:
+        """Up to ``size`` bytes as a view of the chunk they are in, so file data is never copied here.
+
+        Fewer at a chunk's end; empty only at the stream's end.
+        """
+        if self._offset >= len(self._buffer):
+            self._start += len(self._buffer)
+            self._buffer, self._offset = self._stream.read(CHUNK), 0
+        end = min(self._offset + size, len(self._buffer))
+        view = memoryview(self._buffer)[self._offset:end]
+        self._offset = end
+        return view
+
     def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
         if whence != os.SEEK_SET or position < self.tell():
             raise tarfile.StreamError("seeking backwards is not allowed")
@@ -480,6 +493,8 @@ class _Extractor:
         self.rootless = rootless
         self.stats = ExtractStats()
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.owner = (os.geteuid(), os.getegid())
+        self.create_umask = None if rootless else _umask_if_creation_is_plain(self.root_fd, self.owner[1])
         self.dir_fds: OrderedDict[bytes, int] = OrderedDict()    # relative path -> open fd, LRU order
         self.rules = LayerRules()
         # Directory metadata is applied last, deepest first: creating children
@@ -524,25 +539,32 @@ class _Extractor:
                  file_type: int = stat.S_IFREG, device: tuple[int, int] | None = None) -> None:
         """A regular file, or a stand-in for a node this process may not make (see _special)."""
         name = parts[-1]
-        fd = self._create(parts, lambda parent: os.open(name, FILE_CREATE_FLAGS, 0o600, dir_fd=parent))
+        # A file of our own owner whose mode the umask leaves whole is made with its mode: its
+        # inode is then complete without chown and chmod (see _umask_if_creation_is_plain).
+        complete = (file_type == stat.S_IFREG and self.create_umask is not None
+                    and (meta.uid, meta.gid) == self.owner and not meta.mode & self.create_umask)
+        mode = meta.mode if complete else 0o600
+        fd = self._create(parts, lambda parent: os.open(name, FILE_CREATE_FLAGS, mode, dir_fd=parent))
         try:
             write(fd)
-            self._apply_to_fd(fd, meta, file_type, device)
+            if complete:
+                self._set_xattrs(fd, meta.xattrs)
+                if meta.mtime_ns is not None:
+                    os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+            else:
+                self._apply_to_fd(fd, meta, file_type, device)
         finally:
             os.close(fd)
 
     def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
-        segments = _data_segments(member)
-        if not segments and member.sparse is None:
-            return
         if member.sparse is None:
-            source, base = tar.fileobj, member.offset_data
-        else:
-            # The raw reader reads at positions and makes no bytes for holes, so a
-            # sparse member's holes stay holes (and a huge one costs nothing).
-            source, base = tar.extractfile(member).raw, 0
-        for offset, length in segments:
-            source.seek(base + offset)
+            self._copy_contiguous(tar.fileobj, member, fd)
+            return
+        # The raw reader reads at positions and makes no bytes for holes, so a
+        # sparse member's holes stay holes (and a huge one costs nothing).
+        source = tar.extractfile(member).raw
+        for offset, length in _data_segments(member):
+            source.seek(offset)
             os.lseek(fd, offset, os.SEEK_SET)
             while length:
                 chunk = _read_tar(lambda: source.read(min(CHUNK, length)), "in", member)
@@ -551,13 +573,26 @@ class _Extractor:
                 _write_all(fd, chunk)
                 self.stats.bytes += len(chunk)
                 length -= len(chunk)
-        if member.sparse is not None:
-            try:
-                os.ftruncate(fd, member.size)
-            except OSError as exc:
-                if exc.errno in (errno.EFBIG, errno.EINVAL):
-                    raise _Unusable(f"sparse size {member.size} is too large for the store's filesystem") from None
-                raise
+        try:
+            os.ftruncate(fd, member.size)
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise _Unusable(f"sparse size {member.size} is too large for the store's filesystem") from None
+            raise
+
+    def _copy_contiguous(self, reader: _ForwardReader, member: tarfile.TarInfo, fd: int) -> None:
+        """A plain member's bytes, written from the reader's chunks to the fresh fd (at offset 0)."""
+        length = member.size
+        if not length:
+            return
+        reader.seek(member.offset_data)
+        while length:
+            view = _read_tar(lambda: reader.read_some(length), "in", member)
+            if not view:
+                raise ImageError(f"corrupt tar in member '{_shown(member.name)}': unexpected end of data")
+            _write_all(fd, view)
+            self.stats.bytes += len(view)
+            length -= len(view)
 
     def _symlink(self, parts: list[bytes], target: str, meta: _Meta) -> None:
         raw_target = os.fsencode(target)
@@ -801,7 +836,35 @@ class _Extractor:
         self.pending_dirs.pop(path, None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _umask_if_creation_is_plain(root_fd: int, gid: int) -> int | None:
+    """The umask, if a file created below the layer root gets our owner and exactly its mode minus it.
+
+    That holds unless the root passes on another group (a setgid directory, or
+    BSD group semantics) or a default ACL (which overrides the umask): every
+    directory below it is made by this unpack and gets its own metadata only
+    at the end. None (so chown and chmod as before) when unsure.
+    """
+    try:
+        if os.fstat(root_fd).st_gid != gid:
+            return None
+        os.getxattr(root_fd, "system.posix_acl_default")
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    written = os.write(fd, data)
+    if written < len(data):    # a short write: only near a full disk or a signal
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
