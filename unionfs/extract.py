@@ -52,6 +52,7 @@ CANNOT_CHOWN = (errno.EPERM, errno.EINVAL)
 # they escape as OSError for the caller to report against the store.
 STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
                           errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EOPNOTSUPP})
+REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 SPECIAL_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
 EXTENDED_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                          tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
@@ -117,19 +118,30 @@ class _Unusable(Exception):
     """A member that cannot be unpacked as written; reported as ImageError naming it."""
 
 
-@contextlib.contextmanager
-def _blame(member: str) -> Iterator[None]:
-    """Turn failures while unpacking ``member`` into the user-facing error naming it."""
-    try:
-        yield
-    except _Hostile as exc:
-        raise _member_error(UnsafeArchive, member, str(exc)) from None
-    except _Unusable as exc:
-        raise _member_error(ImageError, member, str(exc)) from None
-    except OSError as exc:
-        if exc.errno in STORE_ERRNOS:
-            raise
-        raise _member_error(ImageError, member, exc.strerror or str(exc)) from None
+class _blame:
+    """Turn failures while unpacking ``member`` into the user-facing error naming it.
+
+    A class rather than a generator context manager: it wraps every member twice.
+    """
+
+    __slots__ = ("member",)
+
+    def __init__(self, member: str):
+        self.member = member
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if kind is None:
+            return False
+        if issubclass(kind, _Hostile):
+            raise _member_error(UnsafeArchive, self.member, str(exc)) from None
+        if issubclass(kind, _Unusable):
+            raise _member_error(ImageError, self.member, str(exc)) from None
+        if issubclass(kind, OSError) and exc.errno not in STORE_ERRNOS:
+            raise _member_error(ImageError, self.member, exc.strerror or str(exc)) from None
+        return False
 
 
 def _read_tar(read: Callable, relation: str = "", member: tarfile.TarInfo | None = None):
@@ -163,14 +175,13 @@ def _space_left(target: int | bytes) -> bool:
 _USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s12x")
 
 
-def _octal(field: bytes) -> int:
-    """A number field as tarfile reads it, for the plain octal form; ValueError for any other.
+def _octals(*fields: bytes) -> list[int]:
+    """Number fields as tarfile reads them, for the plain octal form; ValueError for any other.
 
     int() of bytes accepts a subset of what tarfile's str-based parse does
     (no base-256, no exotic whitespace), with the same value where it accepts.
     """
-    digits = field.partition(b"\0")[0]
-    return int(digits, 8) if digits else 0
+    return [int(field.partition(b"\0")[0] or b"0", 8) for field in fields]
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -205,15 +216,15 @@ class _StrictTarInfo(tarfile.TarInfo):
         (name, mode, uid, gid, size, mtime, checksum, kind, linkname,
          uname, gname, devmajor, devminor, prefix) = _USTAR_HEADER.unpack(buf)
         try:
-            checksum = _octal(checksum)
+            checksum, mode, uid, gid, size, mtime, devmajor, devminor = _octals(
+                checksum, mode, uid, gid, size, mtime, devmajor, devminor)
             if checksum != 256 + sum(buf) - sum(buf[148:156]):   # the field itself counts as spaces
                 raise ValueError("not the unsigned checksum")
-            obj = cls()
-            obj.mode, obj.uid, obj.gid = _octal(mode), _octal(uid), _octal(gid)
-            obj.size, obj.mtime = _octal(size), _octal(mtime)
-            obj.devmajor, obj.devminor = _octal(devmajor), _octal(devminor)
         except ValueError:
             return super().frombuf(buf, encoding, errors)
+        obj = cls()
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
+        obj.devmajor, obj.devminor = devmajor, devminor
         obj.chksum = checksum
         obj.type = kind
         obj.name = name.partition(b"\0")[0].decode(encoding, errors)
@@ -276,14 +287,14 @@ class _ForwardReader:
         return view
 
     def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
-        if whence != os.SEEK_SET or position < self.tell():
+        skip = position - (self._start + self._offset)
+        if whence != os.SEEK_SET or skip < 0:
             raise tarfile.StreamError("seeking backwards is not allowed")
-        skip = position - self.tell()
         if self._offset + skip <= len(self._buffer):
             self._offset += skip
         else:
             self._take(skip - (len(self._buffer) - self._offset), None)
-        return self.tell()
+        return self._start + self._offset
 
     def _take(self, wanted: int, parts: list[bytes] | None) -> None:
         """Move past the buffer and ``wanted`` more bytes of the stream, keeping them in ``parts`` if given."""
@@ -365,6 +376,8 @@ def _components(name: str, role: str) -> list[bytes]:
     parts = [part for part in raw.split(b"/") if part not in (b"", b".")]
     if b".." in parts:
         raise _Hostile(f"{role} has a '..' component")
+    if len(raw) <= NAME_MAX:
+        return parts           # so no component and not the whole is too long
     if len(b"/".join(parts)) > PATH_MAX:
         raise _Hostile(f"{role} is longer than PATH_MAX ({PATH_MAX} bytes)")
     for part in parts:
@@ -512,15 +525,18 @@ class _Extractor:
         self.stats.entries += 1
         parts, meta, link_target = self.rules.admit(member)
         with _blame(member.name):
-            if member.isdir():
+            kind = member.type
+            if kind in REGULAR_TYPES:
+                self._regular(parts, meta, lambda fd: self._copy_data(tar, member, fd))
+            elif kind == tarfile.DIRTYPE:
                 self._directory(parts, meta)
-            elif member.issym():
+            elif kind == tarfile.SYMTYPE:
                 self._symlink(parts, member.linkname, meta)
-            elif member.islnk():
+            elif kind == tarfile.LNKTYPE:
                 self._hardlink(parts, link_target)
-            elif member.type in SPECIAL_TYPES:
+            elif kind in SPECIAL_TYPES:
                 self._special(parts, member, meta)
-            else:                  # regular, contiguous, sparse, and unknown types, as GNU tar does
+            else:                  # contiguous, sparse, and unknown types are files, as GNU tar does
                 self._regular(parts, meta, lambda fd: self._copy_data(tar, member, fd))
 
     def _directory(self, parts: list[bytes], meta: _Meta) -> None:
