@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -861,7 +862,7 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None,
         gz_layers.append(Path(f"{path}.gz"))
         path.unlink()
 
-    rounds = iter(range(1 << 30))
+    rounds = itertools.count()
 
     def with_tar() -> None:
         out = session.root / f"tar-out{next(rounds)}"
