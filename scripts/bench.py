@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -824,10 +825,16 @@ def bench_write(session: Session, mounters: list[Mounter], reps: int) -> Results
     return results
 
 
-def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> list[tuple[str, float, float, float]]:
+def bench_unpack(session: Session, reps: int, layermount_binary: str | None,
+                 baseline_binary: str | None = None) -> list[tuple[str, float, float, float]]:
     """layermount unpack of a multi-layer gzip image vs GNU tar -xzf of the same layers, one after another.
 
     Each row: wall seconds, ratio to tar, CPU seconds (user + system, all processes).
+    ``baseline_binary`` (another build) runs as one more contender, in the same rounds.
+    Nothing is deleted until the session ends: on a journal-less ext4 every create scans
+    past the inodes freed in the last minutes (``recently_deleted``), so deleting one
+    round's tree before the next made that run pay for the bench's own cleanup, up to
+    1 ms a file and by where the allocator happened to put it, not by the tool.
     """
     sys.path.insert(0, str(REPO))
     from unionfs.image.writer import new_config, write_image
@@ -845,7 +852,6 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
         write_bytes(tree / f"layer{index}" / "big", rng.randbytes(16 * MiB) * 2)
         tar_path = session.root / f"layer{index}.tar"
         run(["tar", "-cf", tar_path, "-C", tree, "."])
-        shutil.rmtree(tree)
         layer_paths.append(tar_path)
     image = session.root / "image.tar"
     write_image(image, [str(path) for path in layer_paths], new_config([f"layer {i}" for i in range(4)]),
@@ -856,14 +862,17 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
         gz_layers.append(Path(f"{path}.gz"))
         path.unlink()
 
+    rounds = itertools.count()
+
     def with_tar() -> None:
+        out = session.root / f"tar-out{next(rounds)}"
         for index, layer in enumerate(gz_layers):
-            target = session.root / "tar-out" / str(index)
+            target = out / str(index)
             target.mkdir(parents=True)
             run(["tar", "-xzf", layer, "-C", target])
 
-    def with_layermount() -> None:
-        run([layermount_binary, "unpack", image, "--store", session.root / "store-out", "-q"])
+    def unpack_with(binary: str, store: str) -> Callable[[], None]:
+        return lambda: run([binary, "unpack", image, "--store", session.root / f"{store}{next(rounds)}", "-q"])
 
     def children_cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -871,23 +880,24 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None) -> 
 
     # Rounds alternate between the two, so a load that drifts (other work on the machine, the
     # file system's recently freed inodes) weighs on both alike.
-    contenders = (("GNU tar -xzf, layer after layer", with_tar, "tar-out"),
-                  ("layermount unpack (verified)", with_layermount, "store-out"))
-    walls: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
-    cpus: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    contenders = [("GNU tar -xzf, layer after layer", with_tar),
+                  ("layermount unpack (verified)", unpack_with(layermount_binary, "store-out"))]
+    if baseline_binary:
+        contenders.append(("layermount baseline unpack", unpack_with(baseline_binary, "store-base")))
+    walls: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    cpus: dict[str, list[float]] = {name: [] for name, _ in contenders}
     for rep in range(reps):
         progress(f"repetition {rep + 1}/{reps}")
-        for name, operation, output in contenders:
+        for name, operation in contenders:
             run(["sync"])
             drop_caches()
             cpu_before = children_cpu()
             seconds, _ = timed(operation)
             walls[name].append(seconds)
             cpus[name].append(children_cpu() - cpu_before)
-            shutil.rmtree(session.root / output)
     baseline = statistics.median(walls[contenders[0][0]])
     return [(name, statistics.median(walls[name]), statistics.median(walls[name]) / baseline,
-             statistics.median(cpus[name])) for name, _, _ in contenders]
+             statistics.median(cpus[name])) for name, _ in contenders]
 
 
 def make_flat_layers(root: Path) -> None:
@@ -1337,7 +1347,11 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
         if args.mode == "pull":
             rows = bench_pull(session, reps, layermount.binary, args.rate * 1e6 if args.rate else None)
         else:
-            rows = bench_unpack(session, reps, layermount.binary)
+            baseline = find_layermount(args.baseline) if args.baseline else None
+            if baseline is not None and baseline.binary is None:
+                print(f"bench.py: baseline layermount {baseline.problem}", file=sys.stderr)
+                return 1
+            rows = bench_unpack(session, reps, layermount.binary, baseline.binary if baseline else None)
     except BenchError as exc:
         print(f"bench.py: {exc}", file=sys.stderr)
         return 1
@@ -1346,7 +1360,8 @@ def main_unpack(args: argparse.Namespace, layermount: Layermount, reps: int) -> 
     what = "(median of {reps}, alternating rounds, caches dropped before each run)".format(reps=reps)
     if args.mode == "pull":
         what = "from a local docker-registry " + (f"through a {args.rate:g} MB/s proxy " if args.rate else "") + what
-    print(f"\n{args.mode}: 4-layer gzip image {what}")
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"\n{args.mode}: 4-layer gzip image {what}; load average {load} at the end")
     for name, seconds, ratio, *cpu in rows:
         print(f"  {name:<40} {seconds:8.2f} s   {ratio:5.2f}x" + (f"   CPU {cpu[0]:6.2f} s" if cpu else ""))
     if args.json:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import tarfile
 from pathlib import Path
 
@@ -442,6 +443,62 @@ def test_metadata_as_root(box):
     assert bin_dir.st_mtime_ns == MTIME * 10**9                         # set after its children
     assert os.lstat(box.dest / "frac").st_mtime_ns == 1234567890123456789
     assert not stats.overrides
+
+
+# Files of our own owner are made with their mode at open (no chown, no chmod): these are the
+# cases where the kernel would give such a file something else, so the mode is set as before.
+def posix_acl(*entries: tuple[int, int]) -> bytes:
+    """A system.posix_acl_* value: version 2, then (tag, perm, id) with the id undefined."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+
+
+ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER = 0x01, 0x04, 0x20
+MODES = (0o644, 0o755, 0o4755, 0o2711, 0o1777, 0o600, 0o444, 0o000, 0o666, 0o777)
+
+
+def modes_and_owners(box: Box) -> dict:
+    return {name: (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            for name in os.listdir(box.dest / "d") for st in [os.lstat(box.dest / "d" / name)]}
+
+
+def own_files_tar() -> bytes:
+    return tar_of(*(file(f"d/m{mode:o}", b"x", mode=mode, uid=0, gid=0) for mode in MODES),
+                  file("d/other", b"x", mode=0o4755, uid=7, gid=8))
+
+
+def expected_modes() -> dict:
+    return {**{f"m{mode:o}": (mode, 0, 0) for mode in MODES}, "other": (0o4755, 7, 8)}
+
+
+@as_root
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_own_files_get_exactly_their_mode_whatever_the_umask(box, umask):
+    old = os.umask(umask)
+    try:
+        extract(box, own_files_tar(), rootless=False)
+    finally:
+        os.umask(old)
+    assert modes_and_owners(box) == expected_modes()
+
+
+@as_root
+def test_own_files_get_exactly_their_mode_under_a_default_acl(box):
+    """A default ACL on the layer root replaces the umask for everything made below it."""
+    try:
+        os.setxattr(box.dest, "system.posix_acl_default",
+                    posix_acl((ACL_USER_OBJ, 7), (ACL_GROUP_OBJ, 0), (ACL_OTHER, 0)))
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on {box.dest}: {exc.strerror}")
+    extract(box, own_files_tar(), rootless=False)
+    assert modes_and_owners(box) == expected_modes()
+
+
+@as_root
+def test_own_files_get_their_group_under_a_setgid_root_of_another_group(box):
+    os.chown(box.dest, 0, 4321)
+    os.chmod(box.dest, 0o2775)
+    extract(box, own_files_tar(), rootless=False)
+    assert modes_and_owners(box) == expected_modes()
 
 
 def test_rootless_records_owner_and_mode_in_the_override(box):

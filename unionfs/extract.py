@@ -52,6 +52,7 @@ CANNOT_CHOWN = (errno.EPERM, errno.EINVAL)
 # they escape as OSError for the caller to report against the store.
 STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
                           errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EOPNOTSUPP})
+REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 SPECIAL_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
 EXTENDED_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                          tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
@@ -117,19 +118,30 @@ class _Unusable(Exception):
     """A member that cannot be unpacked as written; reported as ImageError naming it."""
 
 
-@contextlib.contextmanager
-def _blame(member: str) -> Iterator[None]:
-    """Turn failures while unpacking ``member`` into the user-facing error naming it."""
-    try:
-        yield
-    except _Hostile as exc:
-        raise _member_error(UnsafeArchive, member, str(exc)) from None
-    except _Unusable as exc:
-        raise _member_error(ImageError, member, str(exc)) from None
-    except OSError as exc:
-        if exc.errno in STORE_ERRNOS:
-            raise
-        raise _member_error(ImageError, member, exc.strerror or str(exc)) from None
+class _blame:
+    """Turn failures while unpacking ``member`` into the user-facing error naming it.
+
+    A class rather than a generator context manager: it wraps every member twice.
+    """
+
+    __slots__ = ("member",)
+
+    def __init__(self, member: str):
+        self.member = member
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if kind is None:
+            return False
+        if issubclass(kind, _Hostile):
+            raise _member_error(UnsafeArchive, self.member, str(exc)) from None
+        if issubclass(kind, _Unusable):
+            raise _member_error(ImageError, self.member, str(exc)) from None
+        if issubclass(kind, OSError) and exc.errno not in STORE_ERRNOS:
+            raise _member_error(ImageError, self.member, exc.strerror or str(exc)) from None
+        return False
 
 
 def _read_tar(read: Callable, relation: str = "", member: tarfile.TarInfo | None = None):
@@ -163,14 +175,13 @@ def _space_left(target: int | bytes) -> bool:
 _USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s12x")
 
 
-def _octal(field: bytes) -> int:
-    """A number field as tarfile reads it, for the plain octal form; ValueError for any other.
+def _octals(*fields: bytes) -> list[int]:
+    """Number fields as tarfile reads them, for the plain octal form; ValueError for any other.
 
     int() of bytes accepts a subset of what tarfile's str-based parse does
     (no base-256, no exotic whitespace), with the same value where it accepts.
     """
-    digits = field.partition(b"\0")[0]
-    return int(digits, 8) if digits else 0
+    return [int(field.partition(b"\0")[0] or b"0", 8) for field in fields]
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -205,15 +216,15 @@ class _StrictTarInfo(tarfile.TarInfo):
         (name, mode, uid, gid, size, mtime, checksum, kind, linkname,
          uname, gname, devmajor, devminor, prefix) = _USTAR_HEADER.unpack(buf)
         try:
-            checksum = _octal(checksum)
+            checksum, mode, uid, gid, size, mtime, devmajor, devminor = _octals(
+                checksum, mode, uid, gid, size, mtime, devmajor, devminor)
             if checksum != 256 + sum(buf) - sum(buf[148:156]):   # the field itself counts as spaces
                 raise ValueError("not the unsigned checksum")
-            obj = cls()
-            obj.mode, obj.uid, obj.gid = _octal(mode), _octal(uid), _octal(gid)
-            obj.size, obj.mtime = _octal(size), _octal(mtime)
-            obj.devmajor, obj.devminor = _octal(devmajor), _octal(devminor)
         except ValueError:
             return super().frombuf(buf, encoding, errors)
+        obj = cls()
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
+        obj.devmajor, obj.devminor = devmajor, devminor
         obj.chksum = checksum
         obj.type = kind
         obj.name = name.partition(b"\0")[0].decode(encoding, errors)
@@ -262,15 +273,28 @@ class _ForwardReader:
         self._take(size - len(parts[0]), parts)
         return b"".join(parts)
 
+    def read_some(self, size: int) -> memoryview:
+        """Up to ``size`` bytes as a view of the chunk they are in, so file data is never copied here.
+
+        Fewer at a chunk's end; empty only at the stream's end.
+        """
+        if self._offset >= len(self._buffer):
+            self._start += len(self._buffer)
+            self._buffer, self._offset = self._stream.read(CHUNK), 0
+        end = min(self._offset + size, len(self._buffer))
+        view = memoryview(self._buffer)[self._offset:end]
+        self._offset = end
+        return view
+
     def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
-        if whence != os.SEEK_SET or position < self.tell():
+        skip = position - (self._start + self._offset)
+        if whence != os.SEEK_SET or skip < 0:
             raise tarfile.StreamError("seeking backwards is not allowed")
-        skip = position - self.tell()
         if self._offset + skip <= len(self._buffer):
             self._offset += skip
         else:
             self._take(skip - (len(self._buffer) - self._offset), None)
-        return self.tell()
+        return self._start + self._offset
 
     def _take(self, wanted: int, parts: list[bytes] | None) -> None:
         """Move past the buffer and ``wanted`` more bytes of the stream, keeping them in ``parts`` if given."""
@@ -352,6 +376,8 @@ def _components(name: str, role: str) -> list[bytes]:
     parts = [part for part in raw.split(b"/") if part not in (b"", b".")]
     if b".." in parts:
         raise _Hostile(f"{role} has a '..' component")
+    if len(raw) <= NAME_MAX:
+        return parts           # so no component and not the whole is too long
     if len(b"/".join(parts)) > PATH_MAX:
         raise _Hostile(f"{role} is longer than PATH_MAX ({PATH_MAX} bytes)")
     for part in parts:
@@ -480,6 +506,8 @@ class _Extractor:
         self.rootless = rootless
         self.stats = ExtractStats()
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.owner = (os.geteuid(), os.getegid())
+        self.create_umask = None if rootless else _umask_if_creation_is_plain(self.root_fd, self.owner[1])
         self.dir_fds: OrderedDict[bytes, int] = OrderedDict()    # relative path -> open fd, LRU order
         self.rules = LayerRules()
         # Directory metadata is applied last, deepest first: creating children
@@ -497,15 +525,18 @@ class _Extractor:
         self.stats.entries += 1
         parts, meta, link_target = self.rules.admit(member)
         with _blame(member.name):
-            if member.isdir():
+            kind = member.type
+            if kind in REGULAR_TYPES:
+                self._regular(parts, meta, lambda fd: self._copy_data(tar, member, fd))
+            elif kind == tarfile.DIRTYPE:
                 self._directory(parts, meta)
-            elif member.issym():
+            elif kind == tarfile.SYMTYPE:
                 self._symlink(parts, member.linkname, meta)
-            elif member.islnk():
+            elif kind == tarfile.LNKTYPE:
                 self._hardlink(parts, link_target)
-            elif member.type in SPECIAL_TYPES:
+            elif kind in SPECIAL_TYPES:
                 self._special(parts, member, meta)
-            else:                  # regular, contiguous, sparse, and unknown types, as GNU tar does
+            else:                  # contiguous, sparse, and unknown types are files, as GNU tar does
                 self._regular(parts, meta, lambda fd: self._copy_data(tar, member, fd))
 
     def _directory(self, parts: list[bytes], meta: _Meta) -> None:
@@ -524,25 +555,32 @@ class _Extractor:
                  file_type: int = stat.S_IFREG, device: tuple[int, int] | None = None) -> None:
         """A regular file, or a stand-in for a node this process may not make (see _special)."""
         name = parts[-1]
-        fd = self._create(parts, lambda parent: os.open(name, FILE_CREATE_FLAGS, 0o600, dir_fd=parent))
+        # A file of our own owner whose mode the umask leaves whole is made with its mode: its
+        # inode is then complete without chown and chmod (see _umask_if_creation_is_plain).
+        complete = (file_type == stat.S_IFREG and self.create_umask is not None
+                    and (meta.uid, meta.gid) == self.owner and not meta.mode & self.create_umask)
+        mode = meta.mode if complete else 0o600
+        fd = self._create(parts, lambda parent: os.open(name, FILE_CREATE_FLAGS, mode, dir_fd=parent))
         try:
             write(fd)
-            self._apply_to_fd(fd, meta, file_type, device)
+            if complete:
+                self._set_xattrs(fd, meta.xattrs)
+                if meta.mtime_ns is not None:
+                    os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+            else:
+                self._apply_to_fd(fd, meta, file_type, device)
         finally:
             os.close(fd)
 
     def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
-        segments = _data_segments(member)
-        if not segments and member.sparse is None:
-            return
         if member.sparse is None:
-            source, base = tar.fileobj, member.offset_data
-        else:
-            # The raw reader reads at positions and makes no bytes for holes, so a
-            # sparse member's holes stay holes (and a huge one costs nothing).
-            source, base = tar.extractfile(member).raw, 0
-        for offset, length in segments:
-            source.seek(base + offset)
+            self._copy_contiguous(tar.fileobj, member, fd)
+            return
+        # The raw reader reads at positions and makes no bytes for holes, so a
+        # sparse member's holes stay holes (and a huge one costs nothing).
+        source = tar.extractfile(member).raw
+        for offset, length in _data_segments(member):
+            source.seek(offset)
             os.lseek(fd, offset, os.SEEK_SET)
             while length:
                 chunk = _read_tar(lambda: source.read(min(CHUNK, length)), "in", member)
@@ -551,13 +589,26 @@ class _Extractor:
                 _write_all(fd, chunk)
                 self.stats.bytes += len(chunk)
                 length -= len(chunk)
-        if member.sparse is not None:
-            try:
-                os.ftruncate(fd, member.size)
-            except OSError as exc:
-                if exc.errno in (errno.EFBIG, errno.EINVAL):
-                    raise _Unusable(f"sparse size {member.size} is too large for the store's filesystem") from None
-                raise
+        try:
+            os.ftruncate(fd, member.size)
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise _Unusable(f"sparse size {member.size} is too large for the store's filesystem") from None
+            raise
+
+    def _copy_contiguous(self, reader: _ForwardReader, member: tarfile.TarInfo, fd: int) -> None:
+        """A plain member's bytes, written from the reader's chunks to the fresh fd (at offset 0)."""
+        length = member.size
+        if not length:
+            return
+        reader.seek(member.offset_data)
+        while length:
+            view = _read_tar(lambda: reader.read_some(length), "in", member)
+            if not view:
+                raise ImageError(f"corrupt tar in member '{_shown(member.name)}': unexpected end of data")
+            _write_all(fd, view)
+            self.stats.bytes += len(view)
+            length -= len(view)
 
     def _symlink(self, parts: list[bytes], target: str, meta: _Meta) -> None:
         raw_target = os.fsencode(target)
@@ -801,7 +852,35 @@ class _Extractor:
         self.pending_dirs.pop(path, None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _umask_if_creation_is_plain(root_fd: int, gid: int) -> int | None:
+    """The umask, if a file created below the layer root gets our owner and exactly its mode minus it.
+
+    That holds unless the root passes on another group (a setgid directory, or
+    BSD group semantics) or a default ACL (which overrides the umask): every
+    directory below it is made by this unpack and gets its own metadata only
+    at the end. None (so chown and chmod as before) when unsure.
+    """
+    try:
+        if os.fstat(root_fd).st_gid != gid:
+            return None
+        os.getxattr(root_fd, "system.posix_acl_default")
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    written = os.write(fd, data)
+    if written < len(data):    # a short write: only near a full disk or a signal
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
