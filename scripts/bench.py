@@ -1060,29 +1060,20 @@ def count_requests(session: Session, mounters: list[Mounter]) -> dict[str, dict[
     for mounter in mounters:
         rows = counted[mounter.name] = {}
         layers = [session.root / mounter.form / name for name in ("empty", "flat")]
-        try:
-            log = session.scratch("log") / "requests.log"
-            with session.mounted(mounter, layers, log=log) as (point, _):
-                paths, requests = flat_paths(point), RequestLog(log)
-                requests.since()
-                lstat_all(paths)
-                rows["lstat, cold"] = per_file(requests.since(), FLAT_FILES)
-                lstat_all(paths)
-                rows["lstat, warm"] = per_file(requests.since(), FLAT_FILES)
+
+        def counted_passes(operation, *labels):
+            """On a fresh mount with libfuse's request log: ``operation`` once per label, each counted."""
             log = session.scratch("log") / "requests.log"
             with session.mounted(mounter, layers, log=log) as (point, _):
                 requests = RequestLog(log)
                 requests.since()
-                find_printf(point)
-                rows["find -printf, cold"] = per_file(requests.since(), FLAT_FILES)
-            log = session.scratch("log") / "requests.log"
-            with session.mounted(mounter, layers, log=log) as (point, _):
-                paths, requests = flat_paths(point), RequestLog(log)
-                requests.since()
-                read_all(paths)
-                rows["open+read+close, cold"] = per_file(requests.since(), FLAT_FILES)
-                read_all(paths)
-                rows["open+read+close, warm"] = per_file(requests.since(), FLAT_FILES)
+                for label in labels:
+                    operation(point)
+                    rows[label] = per_file(requests.since(), FLAT_FILES)
+        try:
+            counted_passes(lambda point: lstat_all(flat_paths(point)), "lstat, cold", "lstat, warm")
+            counted_passes(find_printf, "find -printf, cold")
+            counted_passes(lambda point: read_all(flat_paths(point)), "open+read+close, cold", "open+read+close, warm")
         except Exception as error:
             rows["error"] = describe(error)
     return counted
