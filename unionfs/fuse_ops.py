@@ -359,10 +359,13 @@ class LayerOperations(pyfuse3.Operations):
             trio.lowlevel.spawn_system_task(self._close_idle_writers)
 
     async def _close_idle_writers(self) -> None:
+        """A system task: an exception escaping it would end the daemon, so none may."""
         try:
             while self._inode_fds.writing:
                 await trio.sleep(WRITER_IDLE)
                 self._inode_fds.close_writers_idle_since(time.monotonic() - WRITER_IDLE)
+        except Exception:
+            log.exception("closing idle writable fds")
         finally:
             self._watching_writers = False
 
