@@ -3,7 +3,8 @@
 A reader that opened a lower file before it was copied up must see the writes
 made after, as on one filesystem: its fd is repointed at the copy (dup2) the
 moment the copy-up completes. A deleted file that is still open is known only
-by its fds.
+by its fds. Without OPEN (patches/pyfuse3-noopen.patch) the kernel names files
+by inode alone, and InodeFds keeps the fd each inode is served by.
 """
 
 from __future__ import annotations
