@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -98,6 +99,25 @@ def fuse_missing() -> str | None:
 
 # For a test that mounts without the ``mounts`` fixture (which skips by itself).
 needs_fuse = pytest.mark.skipif(fuse_missing() is not None, reason=fuse_missing() or "")
+
+
+HOST_NODES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full", "/dev/tty")
+
+
+@contextlib.contextmanager
+def host_nodes_restored():
+    """The host's device nodes as they were before: what some tool run as root on the host
+    (stress-ng's open stressor touches /dev/null), or a failing containment test, changed in
+    them must not break the tests after (a 0644 /dev/null breaks podman and every non-root run).
+    Yields the stat of each node from before."""
+    before = {path: os.stat(path) for path in HOST_NODES if os.path.exists(path)}
+    try:
+        yield before
+    finally:
+        for path, st in before.items():
+            os.chmod(path, st.st_mode & 0o7777)
+            os.chown(path, st.st_uid, st.st_gid)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounts, alive
+from conftest import Mounts, alive, host_nodes_restored
 from oracle import diff_snapshots, kernel_overlay, snapshot
 from test_faults import answers, disposable, tmpfs  # noqa: F401 - disposable, tmpfs: fixtures
 from test_mount import make_tree
@@ -463,7 +463,7 @@ def test_stress_ng_filesystem_stressors_pass(mounts, tmp_path):
     point, _ = overlay_mount(mounts, tmp_path, [lower], "--log", log)
     pid = daemon_pid(str(point))
     failed = {}
-    with Watchdog(point) as watchdog:
+    with Watchdog(point) as watchdog, host_nodes_restored():   # the open stressor touches /dev/null
         for name in STRESSORS:
             result = subprocess.run(["stress-ng", "--temp-path", str(point / "work"), f"--{name}", "1",
                                      "--timeout", "1s", "--verify"], capture_output=True, text=True, timeout=120)

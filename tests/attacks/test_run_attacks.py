@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAYERMOUNT, run_layermount
+from conftest import LAYERMOUNT, host_nodes_restored, run_layermount
 from unionfs.image.writer import Dir, File, Symlink, layer_tar, new_config, write_image
 from unionfs.mount import FSTYPE, mount_entries
 
@@ -215,29 +215,20 @@ def test_host_wide_kernel_knobs_are_read_only(tmp_path, store_dir):
     assert Path("/proc/sys/kernel/core_pattern").read_text() == before
 
 
-HOST_NODES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full", "/dev/tty")
-
-
 def test_the_hosts_device_nodes_cannot_be_changed_from_inside(tmp_path, store_dir):
     """Attack: /dev/null and its kin inside the container are the host's own device nodes, bound
     in (and /dev/null also masks /proc/kcore and the other leaky files): root inside chmods,
     chowns and touches them, which would change the host's nodes for every host process
     (a 0600 /dev/null breaks every non-root program on the host). Must hold: each change fails,
     the host's nodes keep mode, owner and times, and the devices still work inside."""
-    before = {path: os.stat(path) for path in HOST_NODES if os.path.exists(path)}
     image = hostile_image(tmp_path / "img.tar")
-    targets = " ".join([*before, "/proc/kcore", "/proc/keys"])
-    script = (f"for node in {targets}; do chmod 600 $node && echo chmod $node; chown 1000:1000 $node && "
-              f"echo chown $node; touch -d 2001-01-01 $node && echo touch $node; done 2>/dev/null; "
-              "echo x > /dev/null && head -c 4 /dev/zero | wc -c")
-    try:
+    with host_nodes_restored() as before:        # a failure must not leave the host broken
+        targets = " ".join([*before, "/proc/kcore", "/proc/keys"])
+        script = (f"for node in {targets}; do chmod 600 $node && echo chmod $node; chown 1000:1000 $node && "
+                  f"echo chown $node; touch -d 2001-01-01 $node && echo touch $node; done 2>/dev/null; "
+                  "echo x > /dev/null && head -c 4 /dev/zero | wc -c")
         result = run_in(image, store_dir, "/bin/sh", "-c", script)
         after = {path: os.stat(path) for path in before}
-    finally:
-        for path, st in before.items():       # a failure must not leave the host broken
-            os.chmod(path, st.st_mode & 0o7777)
-            os.chown(path, st.st_uid, st.st_gid)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     changed = [path for path in before if (after[path].st_mode, after[path].st_uid, after[path].st_gid,
                                            after[path].st_mtime_ns) != (before[path].st_mode, before[path].st_uid,
                                                                         before[path].st_gid, before[path].st_mtime_ns)]
