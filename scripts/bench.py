@@ -1091,7 +1091,7 @@ def print_requests(counted: dict[str, dict[str, str]]) -> None:
 
 READY_LAYERS, READY_FILES = 3, 200
 # What the daemon needs before it can answer: the CLI, the FUSE operations, pyfuse3 and trio.
-MOUNT_PATH_IMPORTS = "import unionfs.cli, unionfs.mount, unionfs.fuse_ops, unionfs.mountopts, pyfuse3, trio"
+MOUNT_PATH_IMPORTS = "import unionfs.cli, unionfs.mount, unionfs.daemon, unionfs.mountopts, pyfuse3, trio"
 
 
 def python_seconds(code: str) -> float:
