@@ -878,8 +878,10 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None,
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return usage.ru_utime + usage.ru_stime
 
-    # Rounds alternate between the two, so a load that drifts (other work on the machine, the
-    # file system's recently freed inodes) weighs on both alike.
+    # Rounds alternate, and each repetition starts with the next contender, so that a load that
+    # drifts (other work on the machine, the file system's recently freed inodes) and the place
+    # in the round (the first after tar ran up to 0.4x tar slower, whichever build it was) weigh
+    # on all alike.
     contenders = [("GNU tar -xzf, layer after layer", with_tar),
                   ("layermount unpack (verified)", unpack_with(layermount_binary, "store-out"))]
     if baseline_binary:
@@ -888,7 +890,7 @@ def bench_unpack(session: Session, reps: int, layermount_binary: str | None,
     cpus: dict[str, list[float]] = {name: [] for name, _ in contenders}
     for rep in range(reps):
         progress(f"repetition {rep + 1}/{reps}")
-        for name, operation in contenders:
+        for name, operation in contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]:
             run(["sync"])
             drop_caches()
             cpu_before = children_cpu()
@@ -1089,7 +1091,7 @@ def print_requests(counted: dict[str, dict[str, str]]) -> None:
 
 READY_LAYERS, READY_FILES = 3, 200
 # What the daemon needs before it can answer: the CLI, the FUSE operations, pyfuse3 and trio.
-MOUNT_PATH_IMPORTS = "import unionfs.cli, unionfs.mount, unionfs.fuse_ops, unionfs.mountopts, pyfuse3, trio"
+MOUNT_PATH_IMPORTS = "import unionfs.cli, unionfs.mount, unionfs.daemon, unionfs.mountopts, pyfuse3, trio"
 
 
 def python_seconds(code: str) -> float:

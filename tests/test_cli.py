@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import termios
 
 import images
@@ -113,6 +114,18 @@ def test_man_page_is_valid_roff_and_documents_every_verb_and_option():
     assert warnings.returncode == 0 and warnings.stderr == "", warnings.stderr
     text = subprocess.run(["groff", "-man", "-Tutf8"], input=page, capture_output=True, text=True).stdout
     assert "layermount run" in text.replace("\u2010", "-")
+
+
+@pytest.mark.parametrize("verb", ["unpack", "history", "inspect", "lint"])
+def test_verbs_that_never_mount_leave_the_fuse_stack_and_the_http_client_unloaded(verb, image, tmp_path):
+    """Importing pyfuse3, trio, httpx and zstandard is most of a short run's start: only the verbs that need
+    them may load them (a top-level import of the mount or registry module brings them all back)."""
+    store = ["--store", str(tmp_path / "store")]
+    argv = [verb, str(image)] + {"unpack": [*store, "-q"], "history": store}.get(verb, [])
+    code = (f"import sys\nfrom unionfs.cli import main\ncode = main({argv!r})\n"
+            "print(sorted({'pyfuse3', 'trio', 'httpx', 'zstandard'} & set(sys.modules)), code, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stderr.splitlines()[-1] == "[] 0", result.stderr
 
 
 # ---- inspect ----------------------------------------------------------------------

@@ -13,11 +13,11 @@ from .errors import ImageError, UsageError
 from .layerform import OCI, OVERLAY
 from .mount import MountOptions, mount
 from .mountopts import ViewOptions
-from .overlay import Layer, MergedView, UpperLayer, layers_from_store
 from .progress import PullProgress
 
 if TYPE_CHECKING:
     from .image.model import Image
+    from .overlay import MergedView
     from .store import LayerStore, StoredLayer
 
 
@@ -68,7 +68,7 @@ def unpack(image: Image, store: "LayerStore", progress=None, jobs: int | None = 
     """``jobs`` layers at once: by default one per core, and for a registry 3, as docker pulls."""
     progress = progress or PullProgress(quiet=True)
     if image.format == "registry":
-        from .image.registry import DEFAULT_JOBS
+        from .image.auth import DEFAULT_JOBS
         from .store import short_id
 
         jobs = jobs or DEFAULT_JOBS
@@ -106,6 +106,9 @@ def mount_image(image: Image, store: "LayerStore", options: MountOptions, progre
             upper = prepare_upper(upper_dir, image=image, layers=stored, store=store, shared=upper_shared)
 
         def open_view() -> MergedView:
+            # the overlay needs trio: loaded only to mount
+            from .overlay import MergedView, layers_from_store
+
             return MergedView(layers_from_store(stored), _open_upper(upper, OCI) if upper else None,
                               options=view_options)
         return mount(open_view, options, cleanup=cleanup)
@@ -198,6 +201,9 @@ def _refuse_reachable_upper(root: Path) -> None:
 
 
 def _open_upper(upper: tuple[str, str], whiteout_form: str):
+    # the overlay needs trio: loaded only to mount
+    from .overlay import UpperLayer
+
     try:
         return UpperLayer(upper[0], upper[1], whiteout_form)
     except OSError as exc:
@@ -216,6 +222,9 @@ def mount_lowerdirs(lowerdirs: list[str], options: MountOptions, upperdir: str |
     options.read_only = options.read_only or upperdir is None
 
     def open_view() -> MergedView:
+        # the overlay needs trio: loaded only to mount
+        from .overlay import Layer, MergedView
+
         upper = _open_upper((upperdir, workdir), whiteout_form) if upperdir and not options.read_only else None
         return MergedView([Layer.open(path) for path in lowerdirs], upper, options=view_options)
     return mount(open_view, options)

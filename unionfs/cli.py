@@ -109,8 +109,7 @@ def _registry_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _registry_options(args: argparse.Namespace):
-    from .image.auth import parse_creds
-    from .image.registry import DEFAULT_JOBS, RegistryOptions
+    from .image.auth import DEFAULT_JOBS, RegistryOptions, parse_creds
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs: give at least 1")

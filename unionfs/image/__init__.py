@@ -13,7 +13,7 @@ from .reference import parse_source
 from .oci_layout import INDEX_FILE, LAYOUT_FILE, DirectoryBlobs, Platform, TarBlobs, read_oci_layout
 
 if TYPE_CHECKING:
-    from .registry import RegistryOptions
+    from .auth import RegistryOptions
 
 __all__ = ["Image", "LayerRef", "open_image", "open_layer_tars"]
 
@@ -30,7 +30,8 @@ def open_image(path, *, platform: str | None = None, ref: str | None = None,
     wanted = Platform.parse(platform) if platform else None
     source = parse_source(os.fspath(path))
     if source.registry is not None:
-        from .registry import RegistryOptions, open_registry_image
+        from .auth import RegistryOptions
+        from .registry import open_registry_image
 
         return open_registry_image(source.registry, registry or RegistryOptions(), platform=wanted)
     path, ref = source.path, ref or source.ref

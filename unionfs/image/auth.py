@@ -1,4 +1,5 @@
-"""Registry credentials from the files users already have, and the challenges registries answer with.
+"""How a user reaches registries: the options, credentials from the files users already have, and the
+challenges registries answer with (no HTTP client here: the verbs that never pull import this).
 
 Credentials are looked up as podman and skopeo do: ``--creds``, then
 ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json`` and
@@ -20,6 +21,7 @@ from ..errors import UsageError
 
 _PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)')
 MAX_CHALLENGE = 8192
+DEFAULT_JOBS = 3                    # layers fetched at once, as docker pull does
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,15 @@ class Credentials:
     def basic_header(self) -> str:
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
+
+
+@dataclass
+class RegistryOptions:
+    """How to talk to registries: TLS, credentials, parallelism."""
+
+    tls_verify: bool = True
+    creds: Credentials | None = None
+    jobs: int = DEFAULT_JOBS
 
 
 def parse_creds(text: str) -> Credentials:

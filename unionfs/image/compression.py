@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 from typing import BinaryIO
 
-import zstandard
 from isal import igzip_lib
 
 from ..errors import ImageError
@@ -187,15 +186,18 @@ class _ZstdReader(_Decoder):
     """
 
     def __init__(self, source: BinaryIO):
+        import zstandard  # most layers are gzip: the library (5-20 ms to load) only for a zstd one
+
         super().__init__()
         self._frames = _ZstdFrameWalker(source)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
             self._frames, read_size=CHUNK, read_across_frames=True, closefd=False)
+        self._corrupt = zstandard.ZstdError
 
     def _decode_chunk(self) -> bytes:
         try:
             output = self._reader.read(CHUNK)
-        except zstandard.ZstdError as exc:
+        except self._corrupt as exc:
             raise ImageError(f"corrupt zstd stream: {exc}") from None
         if not output:
             self._frames.check_complete()

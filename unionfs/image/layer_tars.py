@@ -12,7 +12,6 @@ import stat
 
 from ..errors import ImageError, UsageError
 from .model import Image, LayerRef
-from .writer import new_config
 
 
 def open_layer_tars(paths: list) -> Image:
@@ -29,5 +28,7 @@ def open_layer_tars(paths: list) -> Image:
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{path}: not a layer tar (not a regular file)")
         layers.append(LayerRef(name=path, open=functools.partial(open, path, "rb"), size=info.st_size))
+    from .writer import new_config  # the image writer (and zstandard) is not needed to read images
+
     config = new_config([f"layermount unpack {os.path.basename(path)}" for path in paths])
     return Image(source=paths[0], layers=layers, config=config, format="layer-tars")

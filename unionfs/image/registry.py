@@ -39,7 +39,7 @@ from ..errors import (
     NetworkError,
     UsageError,
 )
-from .auth import Challenge, Credentials, find_credentials, parse_challenges
+from .auth import Challenge, RegistryOptions, find_credentials, parse_challenges
 from .fields import check_config, check_depth, check_descriptor
 from .model import Image, LayerRef
 from .oci_layout import (
@@ -66,7 +66,6 @@ MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCK
 MAX_MANIFEST_BYTES = 4 << 20        # containerd's cap: nothing real comes near it
 MAX_SMALL_BODY = 64 << 10           # error bodies and token answers
 MAX_REDIRECTS = 5
-DEFAULT_JOBS = 3                    # layers fetched at once, as docker pull does
 RETRIES = 5                         # consecutive failed attempts of one blob before giving up
 MAX_RECONNECTS = 20                 # attempts of one blob in all, so a trickling server cannot keep us forever
 BACKOFF = 0.25                      # seconds before the first retry, doubled for each next one
@@ -79,15 +78,6 @@ _RETRYABLE_STATUS = {500, 502, 503, 504}
 def shown(text: object) -> str:
     """A registry-supplied string made safe for a one-line message (control characters escaped)."""
     return textsafe.shown(str(text))
-
-
-@dataclass
-class RegistryOptions:
-    """How to talk to registries: TLS, credentials, parallelism."""
-
-    tls_verify: bool = True
-    creds: Credentials | None = None
-    jobs: int = DEFAULT_JOBS
 
 
 class RegistryError(ImageError):
