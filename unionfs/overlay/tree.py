@@ -150,7 +150,9 @@ class Tree:
 
     def remember(self, parent: Node, child: Child) -> Node:
         """The node for a child, counting one kernel reference (a lookup or a readdirplus reply)."""
-        return self.inodes.remember(self.node_of(parent, child), parent, child)
+        if child.in_upper:
+            self.refresh(child, parent)
+        return self.inodes.remember(parent, child)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """The node for ``name`` in ``parent`` ("." and ".." too), counting one kernel reference."""
