@@ -42,19 +42,20 @@ PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC 
 
 def _fuse_boundary(handler):
     """A handler that never waits may be a plain function: it then runs in the boundary's own
-    coroutine rather than in a second one awaited by it (a cold lookup is that much cheaper)."""
+    coroutine rather than in a second one awaited by it (a cold lookup is that much cheaper).
+    pyfuse3 passes every argument by position, so no keyword dict is made per request."""
     if inspect.iscoroutinefunction(handler):
         @functools.wraps(handler)
-        async def boundary(*args, **kwargs):
+        async def boundary(*args):
             try:
-                return await handler(*args, **kwargs)
+                return await handler(*args)
             except Exception as exc:
                 raise _fuse_error(exc, handler) from None
     else:
         @functools.wraps(handler)
-        async def boundary(*args, **kwargs):
+        async def boundary(*args):
             try:
-                return handler(*args, **kwargs)
+                return handler(*args)
             except Exception as exc:
                 raise _fuse_error(exc, handler) from None
     return boundary
