@@ -69,7 +69,7 @@ class InodeTable:
         host_ino = attr.host_ino
         if (not self._ino_of_host and not self._retired and attr.host_dev == self._direct_dev
                 and 1 < host_ino < _DIRECT_INO_LIMIT):
-            return self.tag | host_ino if self.tag else host_ino   # the usual case, in one test
+            return self.tag | host_ino if self.tag else host_ino   # nothing renumbered yet: the usual case
         key = (attr.host_dev, host_ino)
         ino = self._ino_of_host.get(key)
         if ino is not None:
