@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import inspect
 import logging
 import os
 import time
@@ -40,18 +41,34 @@ PASSED_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC 
 
 
 def _fuse_boundary(handler):
-    @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
+    """A handler that never waits may be a plain function: it then runs in the boundary's own
+    coroutine rather than in a second one awaited by it (a cold lookup is that much cheaper).
+    pyfuse3 passes every argument by position, so no keyword dict is made per request."""
+    if inspect.iscoroutinefunction(handler):
+        @functools.wraps(handler)
+        async def boundary(*args):
+            try:
+                return await handler(*args)
+            except Exception as exc:
+                raise _fuse_error(exc, handler) from None
+    else:
+        @functools.wraps(handler)
+        async def boundary(*args):
+            try:
+                return handler(*args)
+            except Exception as exc:
+                raise _fuse_error(exc, handler) from None
+    return boundary
+
+
+def _fuse_error(exc: Exception, handler) -> pyfuse3.FUSEError:
+    """What the kernel is told of a failed request; anything but an OSError is a bug, logged (EIO)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, OSError):
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    log.exception("internal error in %s", handler.__name__)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 def _change(handler):
@@ -84,6 +101,7 @@ class _Entries:
     def __init__(self, views: ViewRouter):
         self.views = views
         self.ownership = views.live.ownership   # one mapping for the live view and its cuts
+        self._shown = None if self.ownership.identity else self.ownership.shown   # None: ids as stored
 
     def of_attr(self, ino: int, attr: Attr, merged_dir: bool, in_upper: bool) -> pyfuse3.EntryAttributes:
         """``in_upper``: the upper supplies the entry (by the node, never by st_dev: the store and
@@ -96,7 +114,11 @@ class _Entries:
         # Like kernel overlayfs: a merged directory's link count is not knowable
         # without listing every layer, so it reports 1 (find copes with that).
         entry.st_nlink = 1 if merged_dir else attr.nlink
-        entry.st_uid, entry.st_gid = self.ownership.shown(attr.uid, attr.gid)
+        if self._shown is None:
+            entry.st_uid = attr.uid
+            entry.st_gid = attr.gid
+        else:
+            entry.st_uid, entry.st_gid = self._shown(attr.uid, attr.gid)
         entry.st_rdev = attr.rdev
         entry.st_size = attr.size
         entry.st_blocks = attr.blocks
@@ -111,16 +133,19 @@ class _Entries:
             entry = self.of_attr(node.ino, attr, False, True)
             entry.st_nlink = view.link_count(node, attr)
             return entry
-        if node.child.in_upper:
+        child = node.child
+        if child.in_upper:
             attr = view.attr(node)
-            return self.of_attr(node.ino, attr, attr.is_dir and len(node.sources) > 1, True)
-        return self.of_child(view, node.ino, node.child)
+            return self.of_attr(node.ino, attr, attr.is_dir and len(child.sources) > 1, True)
+        return self.of_child(view, node.ino, child)
 
     def of_child(self, view: MergedView, ino: int, child: Child) -> pyfuse3.EntryAttributes:
         """Built afresh each time: kept per entry, the replies were a third of the daemon's memory
-        after a walk, and building one costs less than the request that carries it."""
-        entry = self.of_attr(ino, child.attr, child.is_merged_dir, child.in_upper)
-        if not child.in_upper and child.attr.nlink > 1 and not child.attr.is_dir:
+        after a walk, and building one costs less than the request that carries it. (The Child's
+        properties are spelt out here: this runs once per lookup and per readdirplus entry.)"""
+        attr, sources, in_upper = child.attr, child.sources, child.in_upper
+        entry = self.of_attr(ino, attr, len(sources) > 1 and attr.is_dir, in_upper)
+        if attr.nlink > 1 and not in_upper and not attr.is_dir:
             entry.st_nlink = view.child_link_count(child)    # its names may go, in this view or a layer
         return entry
 
@@ -173,7 +198,7 @@ class LayerOperations(pyfuse3.Operations):
 
     # ---- lookups ---------------------------------------------------------
     @_fuse_boundary
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent_inode, name, ctx=None):
         if self.views.is_virtual(parent_inode):
             return self._entries.found(self.views.lookup_virtual(parent_inode, name))
         view, parent = self.views.locate(parent_inode)
@@ -208,13 +233,13 @@ class LayerOperations(pyfuse3.Operations):
         return True
 
     @_fuse_boundary
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode, ctx=None):
         if self.views.is_virtual(inode):
             return self._entries.virtual(inode)
         return self._entries.of_node(*self.views.locate(inode))
 
     @_fuse_boundary
-    async def readlink(self, inode, ctx):
+    def readlink(self, inode, ctx):
         if self.views.is_virtual(inode):
             return self.views.alias_target(inode)
         view, node = self.views.locate(inode)
@@ -222,7 +247,7 @@ class LayerOperations(pyfuse3.Operations):
 
     # ---- directories -----------------------------------------------------
     @_fuse_boundary
-    async def opendir(self, inode, ctx):
+    def opendir(self, inode, ctx):
         if self.views.is_layers_dir(inode):
             handle = _DirHandle(None, None, [])
         else:
@@ -234,7 +259,7 @@ class LayerOperations(pyfuse3.Operations):
         return number
 
     @_fuse_boundary
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh, start_id, token):
         handle = self._by_inode_dir(fh, start_id) if self.no_open else self._dir_handles[fh]
         if handle.view is None:
             return self._readdir_layers(start_id, token)
@@ -288,7 +313,7 @@ class LayerOperations(pyfuse3.Operations):
                 found.hold_root()
 
     @_fuse_boundary
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         self._dir_handles.pop(fh, None)
 
     # ---- files -----------------------------------------------------------
@@ -312,7 +337,7 @@ class LayerOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @_fuse_boundary
-    async def read(self, fh, off, size):
+    def read(self, fh, off, size):
         # Inline, not in a worker thread: a FUSE read is at most 128 KiB and the host's
         # readahead runs ahead of it, so the hand-off to a thread would cost more than
         # the read (measured: 266 MB/s through threads, 494 MB/s inline, cold 256 MiB).
@@ -370,12 +395,12 @@ class LayerOperations(pyfuse3.Operations):
             self._watching_writers = False
 
     @_fuse_boundary
-    async def release(self, fh):
+    def release(self, fh):
         if not self.no_open:      # without OPEN, only a CREATE's handle 0 is released: nothing to do
             self._files.release(fh)
 
     @_fuse_boundary
-    async def fsync(self, fh, datasync):
+    def fsync(self, fh, datasync):
         if self.view.options.volatile:     # the caller accepts losing data on a crash
             return
         if self.no_open:
@@ -386,7 +411,7 @@ class LayerOperations(pyfuse3.Operations):
         (os.fdatasync if datasync else os.fsync)(fh)
 
     @_fuse_boundary
-    async def fsyncdir(self, fh, datasync):
+    def fsyncdir(self, fh, datasync):
         if not self.view.options.volatile:
             self.view.sync()
 
@@ -506,7 +531,7 @@ class LayerOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     @_fuse_boundary
-    async def getxattr(self, inode, name, ctx):
+    def getxattr(self, inode, name, ctx):
         self._check_xattrs()
         if self.views.is_virtual(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -516,7 +541,7 @@ class LayerOperations(pyfuse3.Operations):
         return view.xattr(node, name)
 
     @_fuse_boundary
-    async def listxattr(self, inode, ctx):
+    def listxattr(self, inode, ctx):
         self._check_xattrs()
         if self.views.is_virtual(inode):
             return []
@@ -528,7 +553,7 @@ class LayerOperations(pyfuse3.Operations):
 
     # ---- the filesystem --------------------------------------------------
     @_fuse_boundary
-    async def statfs(self, ctx):
+    def statfs(self, ctx):
         st = self.view.statfs()
         data = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",

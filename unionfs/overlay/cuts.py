@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import stat
 
-from .inodes import LAYERS_DIR_INO, VIRTUAL_TAG, alias_ino, alias_number, view_number
+from .inodes import LAYERS_DIR_INO, TAG_BASE, VIRTUAL_TAG, alias_ino, alias_number, view_number, view_tag
 from .nodes import Node
 from .view import MergedView
 
 LAYERS_NAME = b".layers"
+VIRTUAL_BASE = view_tag(VIRTUAL_TAG)     # inodes are 64 bits: every one from here up is virtual
 
 
 class LayerCuts:
@@ -62,9 +63,9 @@ class ViewRouter:
             self.cuts.close()
 
     def locate(self, inode: int) -> tuple[MergedView, Node]:
-        number = view_number(inode)
-        if number == 0:
+        if inode < TAG_BASE:            # the live view's: most requests, so one comparison
             return self.live, self.live.node(inode)
+        number = view_number(inode)
         if self.cuts is None or not 1 <= number <= self.cuts.count:
             raise OSError(errno.ENOENT, "no such layer")
         view = self.cuts.view(number)
@@ -85,7 +86,7 @@ class ViewRouter:
 
     # ---- /.layers itself ---------------------------------------------------------------
     def is_virtual(self, inode: int) -> bool:
-        return self.cuts is not None and view_number(inode) == VIRTUAL_TAG
+        return inode >= VIRTUAL_BASE and self.cuts is not None
 
     def is_layers_dir(self, inode: int) -> bool:
         return self.cuts is not None and inode == LAYERS_DIR_INO

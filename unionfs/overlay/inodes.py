@@ -66,13 +66,16 @@ class InodeTable:
         file while the kernel still holds the old one; such numbers are retired
         and the new file gets one of ours.
         """
-        key = (attr.host_dev, attr.host_ino)
+        host_ino = attr.host_ino
+        if (not self._ino_of_host and not self._retired and attr.host_dev == self._direct_dev
+                and 1 < host_ino < _DIRECT_INO_LIMIT):
+            return self.tag | host_ino if self.tag else host_ino   # nothing renumbered yet: the usual case
+        key = (attr.host_dev, host_ino)
         ino = self._ino_of_host.get(key)
         if ino is not None:
             return ino
-        if (attr.host_dev == self._direct_dev and 1 < attr.host_ino < _DIRECT_INO_LIMIT
-                and key not in self._retired):
-            return self.tag | attr.host_ino if self.tag else attr.host_ino   # the live view shares the int
+        if attr.host_dev == self._direct_dev and 1 < host_ino < _DIRECT_INO_LIMIT and key not in self._retired:
+            return self.tag | host_ino if self.tag else host_ino   # the live view shares the int
         ino = self._ino_of_host[key] = self._next_ino
         self._next_ino += 1
         return ino
@@ -107,10 +110,14 @@ class InodeTable:
         node.attach(parent, child)
         return node
 
-    def remember(self, node: Node, parent: Node, child: Child) -> Node:
-        """The kernel now holds one more reference to ``node`` (reached as ``child``)."""
-        self.nodes.setdefault(node.ino, node)
-        node.attach(parent, child)
+    def remember(self, parent: Node, child: Child) -> Node:
+        """The kernel now holds one more reference to the node of ``child`` in ``parent``."""
+        ino = self.ino_for(child.attr)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, parent, child)
+        else:
+            node.attach(parent, child)
         node.lookups += 1
         return node
 

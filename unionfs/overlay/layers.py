@@ -10,13 +10,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fstree, safepath
-from ..layerform import OPAQUE_MARKER_BYTES, OVERRIDE_XATTR, Override, is_overlay_opaque, is_overlay_whiteout, \
-    override_xattr_of, read_override
+from ..layerform import OPAQUE_MARKER_BYTES, OVERRIDE_XATTR, WHITEOUT_PREFIX_BYTES, Override, is_overlay_opaque, \
+    is_overlay_whiteout, override_xattr_of, read_override
 from .merge import DirListing
+
+# What os.fsencode uses, for names that come from scandir (always str, never a path object).
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 @dataclass
@@ -93,17 +97,25 @@ class Layer:
     def scan(self, dir_fd: int) -> DirListing:
         """This layer's copy of a directory, classified (names only: the merge stats just the winners)."""
         listing = DirListing()
-        overlay_form, add = self.overlay_form, listing.add
+        overlay_form, entries, add = self.overlay_form, listing.entries, listing.add
+        # Per name on the first lookup in a directory: os.fsencode's checks, and a call per
+        # plain name, were a fifth of the scan.
         with os.scandir(dir_fd) as scan:
             for entry in scan:
+                name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
                 if entry.is_file(follow_symlinks=False):
-                    add(os.fsencode(entry.name), False)
+                    is_dir = False
                 elif entry.is_dir(follow_symlinks=False):
-                    add(os.fsencode(entry.name), True)
+                    is_dir = True
                 elif overlay_form and _is_overlay_whiteout(entry):
-                    listing.whiteouts.add(os.fsencode(entry.name))
+                    listing.whiteouts.add(name)
+                    continue
                 else:
-                    add(os.fsencode(entry.name), False)
+                    is_dir = False
+                if name.startswith(WHITEOUT_PREFIX_BYTES):
+                    add(name, is_dir)      # an OCI marker
+                else:
+                    entries[name] = is_dir
         if overlay_form and not listing.opaque:
             listing.opaque = is_overlay_opaque(dir_fd)
         return listing

@@ -21,6 +21,7 @@ from .nodes import UPPER, Attr, Child, Node
 
 
 NAME_MAX = 255
+_FIRST_COPY = (0,)      # the copy a name comes from, as merge's positions say, when there is one copy
 
 
 def check_name_length(name: bytes) -> None:
@@ -84,8 +85,13 @@ class Tree:
         # Per copy: its fd, its layer (rootless ones keep owners in an xattr), and the one-layer
         # sources tuple most children share (one object, not one per child).
         sides = [(copy.fd, self.layers[copy.layer_index], (copy.layer_index,)) for copy in copies]
+        if len(copies) == 1:
+            # One layer has the directory (most do): its names are the listing, nothing to merge.
+            positions = dict.fromkeys(listings[0].entries, _FIRST_COPY)
+        else:
+            positions = {name: entry.sources for name, entry in merge(listings).items()}
         stat = os.stat
-        for name, (_, _, sources) in merge(listings).items():
+        for name, sources in positions.items():
             fd, layer, alone = sides[sources[0]]
             st = stat(name, dir_fd=fd, follow_symlinks=False)
             attr = Attr(st, layer.override(fd, name, st)) if layer.rootless else Attr(st)
@@ -144,7 +150,9 @@ class Tree:
 
     def remember(self, parent: Node, child: Child) -> Node:
         """The node for a child, counting one kernel reference (a lookup or a readdirplus reply)."""
-        return self.inodes.remember(self.node_of(parent, child), parent, child)
+        if child.in_upper:
+            self.refresh(child, parent)
+        return self.inodes.remember(parent, child)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """The node for ``name`` in ``parent`` ("." and ".." too), counting one kernel reference."""
