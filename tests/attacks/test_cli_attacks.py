@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import LAYERMOUNT, run_layermount
-from test_run_attacks import escape_binary, hostile_image  # noqa: F401 - fixtures and builders
+from conftest import run_layermount
+from test_run_attacks import (escape_binary, hostile_image, skip_without_tiocsti,  # noqa: F401 - fixtures
+                              typed_into_the_terminal)
 from unionfs.image.writer import File, layer_tar, new_config, write_image
 
 PAYLOAD = "evil\x1b]0;owned\x07\x1b[2J\rFORGED\u202e"
@@ -61,22 +59,10 @@ def test_tiocsti_under_run_t_types_only_into_the_containers_own_pty(tmp_path, st
     """Attack: with -t the command has a controlling terminal again, and uses TIOCSTI on it to type
     "echo INJECTED" for the host's shell. Must hold: it lands in the container's own pty (which
     ends with the run); nothing is queued on the terminal that started layermount."""
-    legacy = Path("/proc/sys/dev/tty/legacy_tiocsti")
-    if legacy.exists() and legacy.read_text().strip() == "0":
-        pytest.skip("kernel refuses TIOCSTI to everyone (dev.tty.legacy_tiocsti=0)")
+    skip_without_tiocsti()
     monkey_tmp = tmp_path / "tmpdir"
     monkey_tmp.mkdir()
     image = hostile_image(tmp_path / "img.tar", escape_binary)
-    master, slave = os.openpty()
-    try:
-        result = subprocess.run(["setsid", "-w", "-c", *LAYERMOUNT, "run", "--store", str(store_dir), "-q", *flags,
-                                 str(image), "/bin/escape", "tiocsti", "echo INJECTED\n"],
-                                stdin=slave, capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, TMPDIR=str(monkey_tmp)))
-        assert result.returncode == 0, result.stdout + result.stderr
-        os.set_blocking(slave, False)
-        queued = os.read(slave, 1024) if select.select([slave], [], [], 0.2)[0] else b""
-        assert b"INJECTED" not in queued
-    finally:
-        os.close(master)
-        os.close(slave)
+    result, queued = typed_into_the_terminal(image, store_dir, *flags, env=dict(os.environ, TMPDIR=str(monkey_tmp)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"INJECTED" not in queued

@@ -287,20 +287,30 @@ def test_terminal_injection_does_not_reach_the_host_shell(tmp_path, store_dir, e
     queue; the host's shell (root) reads and runs it once the container exits. Must hold: the ioctl
     is refused (the container has its own session, without a controlling terminal) and nothing is
     queued on the terminal."""
+    skip_without_tiocsti()
+    image = hostile_image(tmp_path / "img.tar", escape_binary)
+    result, queued = typed_into_the_terminal(image, store_dir)
+    assert "CONTAINED" in result.stdout and "ESCAPED" not in result.stdout, result.stdout + result.stderr
+    assert b"INJECTED" not in queued
+
+
+def skip_without_tiocsti() -> None:
     legacy = Path("/proc/sys/dev/tty/legacy_tiocsti")
     if legacy.exists() and legacy.read_text().strip() == "0":
         pytest.skip("kernel refuses TIOCSTI to everyone (dev.tty.legacy_tiocsti=0)")
-    image = hostile_image(tmp_path / "img.tar", escape_binary)
+
+
+def typed_into_the_terminal(image: Path, store: Path, *flags: str, env=None) -> tuple[subprocess.CompletedProcess, bytes]:
+    """``/bin/escape tiocsti "echo INJECTED"`` run with a pty as layermount's controlling terminal
+    (setsid -c, as a login shell's would be); the run, and what was left queued on that terminal."""
     master, slave = os.openpty()
     try:
-        # setsid -c makes the pty the controlling terminal of layermount, as a login shell's would be.
-        result = subprocess.run(["setsid", "-w", "-c", *LAYERMOUNT, "run", "--store", str(store_dir), "-q", str(image),
-                                 "/bin/escape", "tiocsti", "echo INJECTED\n"],
-                                stdin=slave, capture_output=True, text=True, timeout=120)
-        assert "CONTAINED" in result.stdout and "ESCAPED" not in result.stdout, result.stdout + result.stderr
+        result = subprocess.run(["setsid", "-w", "-c", *LAYERMOUNT, "run", "--store", str(store), "-q", *flags,
+                                 str(image), "/bin/escape", "tiocsti", "echo INJECTED\n"],
+                                stdin=slave, capture_output=True, text=True, timeout=120, env=env)
         os.set_blocking(slave, False)
         queued = os.read(slave, 1024) if select.select([slave], [], [], 0.2)[0] else b""
-        assert b"INJECTED" not in queued
+        return result, queued
     finally:
         os.close(master)
         os.close(slave)

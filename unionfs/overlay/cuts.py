@@ -77,12 +77,14 @@ class ViewRouter:
             raise OSError(errno.EROFS, "/.layers is read-only")
         return self.live
 
-    def forget(self, inode: int, count: int) -> None:
+    def forget(self, inode: int, count: int) -> bool:
+        """Whether the kernel now holds the inode no more."""
         number = view_number(inode)
         if number == 0:
-            self.live.forget(inode, count)
-        elif self.cuts is not None and 1 <= number <= self.cuts.count:
-            self.cuts.view(number).forget(inode, count)
+            return self.live.forget(inode, count)
+        if self.cuts is not None and 1 <= number <= self.cuts.count:
+            return self.cuts.view(number).forget(inode, count)
+        return True
 
     # ---- /.layers itself ---------------------------------------------------------------
     def is_virtual(self, inode: int) -> bool:

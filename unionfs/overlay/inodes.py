@@ -121,15 +121,20 @@ class InodeTable:
         node.lookups += 1
         return node
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> bool:
+        """Whether the kernel now holds the inode no more (what is kept for it may go)."""
+        if ino == self.tag | _ROOT:
+            return False
         node = self.nodes.get(ino)
-        if node is None or ino == self.tag | _ROOT:
-            return
+        if node is None:
+            return True
         node.lookups -= count
-        if node.lookups <= 0:
-            del self.nodes[ino]
-            if node.kept_fd is not None:
-                # The kernel let go of a removed file: now it may really go, and its number with it.
-                os.close(node.kept_fd)
-                node.kept_fd = None
-                self.retire(node.attr)
+        if node.lookups > 0:
+            return False
+        del self.nodes[ino]
+        if node.kept_fd is not None:
+            # The kernel let go of a removed file: now it may really go, and its number with it.
+            os.close(node.kept_fd)
+            node.kept_fd = None
+            self.retire(node.attr)
+        return True

@@ -95,8 +95,8 @@ class MergedView:
         self.root.lookups += 1
         return self.root
 
-    def forget(self, ino: int, count: int) -> None:
-        self.inodes.forget(ino, count)
+    def forget(self, ino: int, count: int) -> bool:
+        return self.inodes.forget(ino, count)
 
     # ---- entries and attributes ---------------------------------------------------------
     def listing(self, node: Node) -> dict[bytes, Child]:
